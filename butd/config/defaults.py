@@ -1,0 +1,86 @@
+"""Every configuration key, defined once, with its default and a one-line comment.
+
+YAML files in ``configs/`` only override these. The sections mirror the data flow: ``model`` (the decoder),
+``data`` (loading), ``train`` (the optimisation loop shared by both stages), ``scst`` (what the self-critical
+stage adds) and ``eval`` (decoding for validation and evaluation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    name: str = "updown"  # registered captioner: updown | showtell | showattendtell
+    feature_dim: int = 2048  # size of one region feature in the store
+    rnn_size: int = 1000  # hidden size of each LSTM
+    att_hid_size: int = 512  # hidden size of the additive attention
+    input_encoding_size: int = 1000  # word (and region) embedding size
+    embed_features: bool = True  # embed regions with Linear+ReLU+dropout before attention
+    dropout: float = 0.5  # dropout on embeddings and the language LSTM output
+    box_geometry: bool = False  # append normalised x1,y1,x2,y2,area to each region feature
+    init_state_from_image: bool = False  # showtell: image initialises h0/c0 instead of being the first input
+    attention: str = "additive"  # showattendtell: additive | dot (scaled dot-product)
+    doubly_stochastic_weight: float = 1.0  # showattendtell: lambda of sum_i (1 - sum_t alpha_ti)^2 in the XE loss
+
+
+@dataclass
+class DataConfig:
+    num_workers: int = 2  # DataLoader worker processes (0 reads in the main process)
+    cache: str = "none"  # none | memory | gpu: keep every region feature of a split resident
+    max_boxes: int = 0  # keep at most this many regions per image (0: all)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 10  # images per batch (each contributes seq_per_img captions)
+    seq_per_img: int = 5  # captions per image per step
+    max_epochs: int = 30  # epochs of this stage
+    lr: float = 5.0e-4  # Adam learning rate at the start of the stage
+    lr_decay_every: int = 3  # epochs between learning-rate decays (0: constant)
+    lr_decay_rate: float = 0.8  # multiplier applied at each decay
+    warmup_iters: int = 0  # linear learning-rate warm-up over this many iterations
+    weight_decay: float = 0.0  # Adam weight decay
+    grad_clip: float = 0.1  # clip each gradient value to [-grad_clip, grad_clip] (0: off)
+    label_smoothing: float = 0.0  # XE label smoothing
+    scheduled_sampling_start: int = -1  # epoch at which scheduled sampling starts (-1: never)
+    scheduled_sampling_increase_every: int = 5  # epochs between increases of the sampling probability
+    scheduled_sampling_increase_prob: float = 0.05  # increase per step
+    scheduled_sampling_max_prob: float = 0.25  # ceiling of the sampling probability
+    seed: int = 42  # seeds model init, data order and sampling
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    max_bad_steps: int = 20  # abort after this many non-finite losses in a row
+    val_every_epochs: int = 1  # validate every this many epochs
+    val_max_images: int = 0  # validate on at most this many val images (0: all)
+    checkpoint_every_iters: int = 0  # also write last.pt every this many iterations (0: only per epoch)
+    log_every: int = 50  # iterations between TensorBoard/tqdm updates
+    tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
+
+
+@dataclass
+class ScstConfig:
+    num_samples: int = 5  # sampled captions per image
+    baseline: str = "mean"  # mean (Luo 2020: mean reward of the other samples) | greedy (Rennie et al. 2017)
+    max_length: int = 16  # maximum sampled caption length
+    temperature: float = 1.0  # sampling temperature
+    bleu_weight: float = 0.0  # reward = CIDEr-D + bleu_weight * BLEU-4
+    count_eos: bool = True  # the end token counts as a word in the CIDEr-D reward (see docs/formats.md)
+
+
+@dataclass
+class EvalConfig:
+    beam_size: int = 3  # beam width for evaluation (1: greedy)
+    max_length: int = 16  # maximum decoded caption length
+    length_penalty: float = 0.0  # beam score / length**length_penalty (0: off)
+    block_trigrams: bool = False  # forbid a beam from repeating a trigram
+    batch_size: int = 100  # images per decoding batch
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scst: ScstConfig = field(default_factory=ScstConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,46 @@
+"""Greedy decoding: the most probable token at every step."""
+from __future__ import annotations
+
+import torch
+
+from butd.decoding.common import BOS, EOS, PAD, StepModel, next_token_logprobs
+from butd.decoding.result import DecodeOutput
+from butd.models.regions import Regions
+
+
+@torch.no_grad()
+def greedy_decode(model: StepModel, regions: Regions, *, max_length: int = 16) -> DecodeOutput:
+    """Decode every image of ``regions`` greedily.
+
+    Returns tokens [B, T] (words, <eos>, then <pad>), the summed log-prob of the emitted tokens
+    (<eos> included) and attention [B, T, N] (zero after <eos>; None if the model has none).
+    ``T <= max_length``: decoding stops as soon as every row has emitted <eos>. Runs without
+    gradients; put the model in eval mode first unless dropout is wanted.
+    """
+    if max_length < 1:
+        raise ValueError(f"greedy_decode: max_length must be >= 1, got {max_length}")
+    batch = regions.batch_size
+    device = regions.mean.device
+    state = model.init_state(regions)
+    prev = torch.full((batch,), BOS, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    logprob = torch.zeros(batch, dtype=torch.float32, device=device)
+    tokens, attention = [], []
+    for _ in range(max_length):
+        logits, state, weights = model.step(prev, state, regions)
+        best_logprob, best = next_token_logprobs(logits).max(dim=-1)
+        # A row that has ended keeps emitting <pad> at no cost.
+        best = best.masked_fill(finished, PAD)
+        logprob = logprob + best_logprob.masked_fill(finished, 0.0)
+        tokens.append(best)
+        if weights is not None:  # a model without attention (Show and Tell) returns None
+            attention.append(weights.float().masked_fill(finished.unsqueeze(1), 0.0))
+        finished = finished | (best == EOS)
+        prev = best
+        if bool(finished.all()):
+            break
+    return DecodeOutput(
+        tokens=torch.stack(tokens, dim=1),
+        logprob=logprob,
+        attention=torch.stack(attention, dim=1) if attention else None,
+    )

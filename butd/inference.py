@@ -1,0 +1,150 @@
+"""Decoding a set of stored images: the loop shared by validation during training and ``tools/eval.py``.
+
+Images are read from the feature store in batches of ``batch_size``, padded exactly as training batches are
+(``butd.data.dataset.collate``: first ``max_boxes`` regions, zero padding, a region mask), encoded once and
+decoded with beam search (``beam_size > 1``) or greedy decoding (``beam_size == 1``). The region mask keeps
+padding out of the attention and of the mean feature, so an image gets the same caption whatever batch it
+lands in.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from butd.data.dataset import Example, collate
+from butd.data.store import FeatureStore
+from butd.decoding import CaptionResult, beam_search, greedy_decode, to_results
+from butd.decoding.result import Decoder
+from butd.errors import ConfigError, DataError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+_MAX_LISTED = 10
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ConfigError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine")
+    return resolved
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA for ``bf16`` (and ``auto``); plain fp32 otherwise (CPU autocast is not used:
+    it is slower than fp32 on most CPUs and would make CPU captions differ from the reference numbers)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unique_ids(image_ids: Iterable[int]) -> list[int]:
+    """Image ids as Python ints, first occurrence kept (every image is decoded once)."""
+    seen: dict[int, None] = {}
+    for image_id in image_ids:
+        seen.setdefault(int(image_id), None)
+    return list(seen)
+
+
+def check_features(store: FeatureStore, image_ids: list[int], *, source: str = "") -> None:
+    """DataError listing (first ids + count) the images of ``image_ids`` that ``store`` has no features for."""
+    missing = [i for i in image_ids if i not in store]
+    if missing:
+        listed = ", ".join(map(str, missing[:_MAX_LISTED]))
+        more = f", ... ({len(missing) - _MAX_LISTED} more)" if len(missing) > _MAX_LISTED else ""
+        origin = f" listed in {source}" if source else ""
+        raise DataError(f"{len(missing)} of {len(image_ids)} images{origin} have no features in {store.path}: "
+                        f"{listed}{more}")
+
+
+def _batch_device(model: nn.Module, device: str | torch.device) -> torch.device:
+    """Where batches go: the model's device, which ``device`` must name (``"auto"`` names any)."""
+    param = next(model.parameters(), None)
+    model_device = None if param is None else param.device
+    if str(device) == "auto":
+        return model_device or resolve_device("auto")
+    target = resolve_device(device)
+    if model_device is not None and (model_device.type != target.type
+                                     or target.index not in (None, model_device.index)):
+        raise ConfigError(f"decode_images: the model is on {model_device} but device={str(device)!r}; "
+                          f"move the model there or pass device='auto'")
+    return model_device or target
+
+
+def decode_images(
+    model: nn.Module,
+    store: FeatureStore,
+    image_ids: Iterable[int],
+    vocab: Decoder,
+    *,
+    beam_size: int = 1,
+    max_length: int = 16,
+    batch_size: int = 100,
+    device: str | torch.device = "cpu",
+    length_penalty: float = 0.0,
+    block_trigrams: bool = False,
+    precision: str = "fp32",
+    max_boxes: int = 0,
+    progress: bool = False,
+) -> dict[int, CaptionResult]:
+    """Caption every image of ``image_ids`` (duplicates decoded once) from its stored region features.
+
+    ``beam_size == 1`` decodes greedily, larger beams run ``beam_search`` (``length_penalty`` and
+    ``block_trigrams`` apply to beam search only). ``device`` is where the batches go and must be the model's
+    device (``"auto"``: the model's device). ``precision``: ``fp32``, or ``bf16`` / ``auto`` for bf16 autocast on
+    CUDA. ``max_boxes`` keeps the first regions of each image, as training does with ``data.max_boxes``.
+    ``progress`` shows a progress bar on stderr.
+    The model is put in eval mode for the call and its previous mode is restored afterwards.
+
+    Returns ``{image_id: CaptionResult}`` in the order of ``image_ids``. Raises DataError listing the images
+    the store has no features for before decoding anything.
+    """
+    if beam_size < 1 or max_length < 1 or batch_size < 1:
+        raise ConfigError(f"beam_size ({beam_size}), max_length ({max_length}) and batch_size ({batch_size}) "
+                          f"must all be >= 1")
+    ids = unique_ids(image_ids)
+    check_features(store, ids)
+    target = _batch_device(model, device)
+    autocast = autocast_context(target, precision)
+    was_training = model.training
+    model.eval()
+    results: dict[int, CaptionResult] = {}
+    bar = tqdm(total=len(ids), unit="img", desc="decoding", disable=not progress)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(ids), batch_size):
+                chunk = ids[start:start + batch_size]
+                batch = collate([_example(store, i, max_boxes) for i in chunk]).to(target)
+                with autocast:
+                    regions = model.encode(batch.features, batch.region_mask, batch.boxes, batch.image_size)
+                    if beam_size > 1:
+                        output = beam_search(model, regions, beam_size=beam_size, max_length=max_length,
+                                             length_penalty=length_penalty, block_trigrams=block_trigrams)
+                    else:
+                        output = greedy_decode(model, regions, max_length=max_length)
+                for result in to_results(output, vocab, image_ids=chunk, boxes=batch.boxes,
+                                         region_mask=batch.region_mask):
+                    results[result.image_id] = result
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return results
+
+
+def _example(store: FeatureStore, image_id: int, max_boxes: int) -> Example:
+    record = store[image_id]
+    keep = record.num_boxes if max_boxes <= 0 else min(max_boxes, record.num_boxes)
+    return Example(image_id=image_id, features=np.asarray(record.features[:keep]), boxes=record.boxes[:keep],
+                   image_w=record.image_w, image_h=record.image_h, labels=None)
