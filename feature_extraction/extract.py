@@ -158,14 +158,14 @@ def run_extraction(config: ExtractionConfig, *, detector: BottomUpDetector | Non
         detector = BottomUpDetector.from_weights(config.weights, device=config.device, small=config.small,
                                                  precision=config.precision)
     with FeatureWriter(config.output, dtype=config.dtype, commit_every=config.commit_every) as writer:
-        done = sum(1 for item in items if item.image_id in writer)
-        todo = [item for item in items if item.image_id not in writer and item.image_id not in failures.previous]
-        stats_skipped = len(items) - done - len(todo)
+        missing = [item for item in items if item.image_id not in writer]
+        todo = [item for item in missing if item.image_id not in failures.previous]
+        done, skipped = len(items) - len(missing), len(missing) - len(todo)
         log.info("%d images in shard %d/%d: %d already stored, %d failed in an earlier run (skipped; "
                  "--retry-failed retries them), %d to extract", len(items), config.shard[0], config.shard[1],
-                 done, stats_skipped, len(todo))
+                 done, skipped, len(todo))
         stats = extract_images(todo, detector, writer, policy=policy, failures=failures,
                                batch_size=config.batch_size, num_workers=config.num_workers,
                                max_pixels=config.max_pixels, progress=config.progress)
-    stats.listed, stats.already_done, stats.previously_failed = len(items), done, stats_skipped
+    stats.listed, stats.already_done, stats.previously_failed = len(items), done, skipped
     return stats

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -41,11 +42,11 @@ def load_image(src: str | Path | bytes | Image.Image, *, max_pixels: int = DEFAU
     the header, before decoding, so a decompression bomb is never expanded).
     """
     name = _describe(src)
-    try:
-        with warnings.catch_warnings():
-            # PIL warns (and later raises) about huge images itself; our own limit below is the one that applies.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = _open(src)
+    with warnings.catch_warnings():
+        # PIL warns (and later raises) about huge images itself; our own limit below is the one that applies.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = _open(src, name)
+        try:
             with image:
                 width, height = image.size
                 if width < 1 or height < 1:
@@ -54,27 +55,32 @@ def load_image(src: str | Path | bytes | Image.Image, *, max_pixels: int = DEFAU
                     raise ImageError(name, f"too large: {width}x{height} = {width * height} pixels exceeds the "
                                            f"limit of {max_pixels}")
                 image.load()
-                upright = ImageOps.exif_transpose(image)
-                return _to_rgb(upright)
-    except ImageError:
-        raise
+                return _to_rgb(ImageOps.exif_transpose(image))
+        except ImageError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise ImageError(name, f"too large (decompression bomb guard): {exc}") from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+            # PIL reports truncated data ("image file is truncated"), broken streams and bad headers this way.
+            raise ImageError(name, f"truncated or corrupt image data ({exc})") from None
+
+
+def _open(src: str | Path | bytes | Image.Image, name: str) -> Image.Image:
+    """Open lazily (reads the header only)."""
+    if isinstance(src, Image.Image):
+        return src.copy()
+    try:
+        return Image.open(io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray)) else Path(src))
     except Image.DecompressionBombError as exc:
         raise ImageError(name, f"too large (decompression bomb guard): {exc}") from None
     except UnidentifiedImageError:
         raise ImageError(name, "not an image in a format PIL can read") from None
     except FileNotFoundError:
         raise ImageError(name, "file not found") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        # PIL reports truncated data ("image file is truncated"), broken streams and bad headers this way.
-        raise ImageError(name, f"truncated or corrupt image data ({exc})") from None
-
-
-def _open(src: str | Path | bytes | Image.Image) -> Image.Image:
-    if isinstance(src, Image.Image):
-        return src.copy()
-    if isinstance(src, (bytes, bytearray)):
-        return Image.open(io.BytesIO(bytes(src)))
-    return Image.open(Path(src))
+    except (SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise ImageError(name, f"corrupt image header ({exc})") from None
+    except OSError as exc:
+        raise ImageError(name, f"cannot read the file ({exc})") from None
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

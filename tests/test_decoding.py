@@ -197,9 +197,9 @@ def test_length_penalty_orders_by_normalised_score():
 def test_length_penalty_can_prefer_the_longer_caption():
     # "<eos>" at once: log 0.6 (length 1); "4 5 <eos>": log 0.4 (length 3).
     model = TableModel({BOS: {EOS: math.log(0.6), 4: math.log(0.4)}, 4: {5: 0.0}, 5: {EOS: 0.0}})
-    plain = beam_search(model, fake_regions(1), beam_size=2, max_length=5)
+    plain = beam_search(model, fake_regions(1), beam_size=2, max_length=5, min_length=0)
     assert plain.tokens[0].tolist()[:1] == [EOS]
-    normalised = beam_search(model, fake_regions(1), beam_size=2, max_length=5, length_penalty=1.0)
+    normalised = beam_search(model, fake_regions(1), beam_size=2, max_length=5, length_penalty=1.0, min_length=0)
     assert normalised.tokens[0].tolist() == [4, 5, EOS]
     torch.testing.assert_close(normalised.alternative_logprobs[0], torch.tensor([math.log(0.4), math.log(0.6)]))
 
@@ -313,3 +313,13 @@ def test_to_results_cuts_to_words_and_real_regions():
     assert second.caption == "w6 w7 w8 w9" and second.attention.shape == (4, 3)
     with pytest.raises(ValueError, match="batch sizes differ"):
         to_results(output, FakeVocab(), image_ids=[1], boxes=boxes, region_mask=mask)
+
+
+def test_min_length_forbids_the_empty_caption_but_keeps_model_logprobs():
+    # The model prefers "<eos>" at once (0.6); with the default min_length=1 decoders emit "4 5 <eos>".
+    model = TableModel({BOS: {EOS: math.log(0.6), 4: math.log(0.4)}, 4: {5: 0.0}, 5: {EOS: 0.0}})
+    for out in (greedy_decode(model, fake_regions(1), max_length=5),
+                beam_search(model, fake_regions(1), beam_size=2, max_length=5)):
+        assert out.tokens[0].tolist()[:3] == [4, 5, EOS]
+        torch.testing.assert_close(out.logprob, torch.tensor([math.log(0.4)]))
+    assert greedy_decode(model, fake_regions(1), max_length=5, min_length=0).tokens[0].tolist() == [EOS]

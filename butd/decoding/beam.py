@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from butd.decoding.common import BOS, EOS, PAD, StepModel, next_token_logprobs, reorder_state
+from butd.decoding.common import BOS, EOS, PAD, StepModel, forbid_early_eos, next_token_logprobs, reorder_state
 from butd.decoding.result import DecodeOutput
 from butd.models.regions import Regions
 
@@ -32,6 +32,7 @@ def beam_search(
     max_length: int = 16,
     length_penalty: float = 0.0,
     block_trigrams: bool = False,
+    min_length: int = 1,
 ) -> DecodeOutput:
     """Beam search over every image of ``regions`` at once.
 
@@ -42,7 +43,7 @@ def beam_search(
     ``length_penalty`` alpha ranks hypotheses by ``logprob / length**alpha`` (length = emitted
     tokens, <eos> included), both when choosing the K survivors at every step and when ordering
     the final beams; 0 (the default) is the plain sum. ``block_trigrams`` forbids a beam from
-    producing a trigram it already contains.
+    producing a trigram it already contains. <eos> is not allowed before ``min_length`` words.
 
     Returns the best beam of each image as ``tokens`` [B, T] / ``logprob`` [B] (the plain sum) /
     ``attention`` [B, T, N] (None if the model has none), and all beams, best first, as
@@ -73,7 +74,7 @@ def beam_search(
     for t in range(max_length):
         logits, state, weights = model.step(prev, state, rows)
         vocab = logits.shape[-1]
-        logprobs = next_token_logprobs(logits).view(batch, beams, vocab)
+        logprobs = forbid_early_eos(next_token_logprobs(logits), t, min_length).view(batch, beams, vocab)
         if pad_only is None:
             if beams > vocab - 2:  # <pad> and <bos> are never emitted
                 raise ValueError(f"beam_search: beam_size {beams} exceeds the {vocab - 2} emittable tokens")

@@ -35,6 +35,17 @@ def next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.masked_fill(banned, float("-inf")), dim=-1)
 
 
+def forbid_early_eos(logprobs: torch.Tensor, step: int, min_length: int) -> torch.Tensor:
+    """``logprobs`` with <eos> impossible while fewer than ``min_length`` words were emitted.
+
+    The other tokens keep the model's log-probs (no renormalisation), so reported scores stay the
+    model's own and a decoded sequence re-scores to the same value under teacher forcing.
+    """
+    if step >= min_length:
+        return logprobs
+    return logprobs.index_fill(-1, torch.tensor([EOS], device=logprobs.device), float("-inf"))
+
+
 def reorder_state(state: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Rows ``index`` of every state tensor (batch is on dim 0 by contract)."""
     return tuple(s.index_select(0, index) for s in state)

@@ -3,19 +3,22 @@ from __future__ import annotations
 
 import torch
 
-from butd.decoding.common import BOS, EOS, PAD, StepModel, next_token_logprobs
+from butd.decoding.common import BOS, EOS, PAD, StepModel, forbid_early_eos, next_token_logprobs
 from butd.decoding.result import DecodeOutput
 from butd.models.regions import Regions
 
 
 @torch.no_grad()
-def greedy_decode(model: StepModel, regions: Regions, *, max_length: int = 16) -> DecodeOutput:
+def greedy_decode(
+    model: StepModel, regions: Regions, *, max_length: int = 16, min_length: int = 1
+) -> DecodeOutput:
     """Decode every image of ``regions`` greedily.
 
     Returns tokens [B, T] (words, <eos>, then <pad>), the summed log-prob of the emitted tokens
     (<eos> included) and attention [B, T, N] (zero after <eos>; None if the model has none).
     ``T <= max_length``: decoding stops as soon as every row has emitted <eos>. Runs without
-    gradients; put the model in eval mode first unless dropout is wanted.
+    gradients; put the model in eval mode first unless dropout is wanted. <eos> is not allowed
+    before ``min_length`` words (default 1: never an empty caption); log-probs stay the model's.
     """
     if max_length < 1:
         raise ValueError(f"greedy_decode: max_length must be >= 1, got {max_length}")
@@ -26,9 +29,9 @@ def greedy_decode(model: StepModel, regions: Regions, *, max_length: int = 16) -
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     logprob = torch.zeros(batch, dtype=torch.float32, device=device)
     tokens, attention = [], []
-    for _ in range(max_length):
+    for t in range(max_length):
         logits, state, weights = model.step(prev, state, regions)
-        best_logprob, best = next_token_logprobs(logits).max(dim=-1)
+        best_logprob, best = forbid_early_eos(next_token_logprobs(logits), t, min_length).max(dim=-1)
         # A row that has ended keeps emitting <pad> at no cost.
         best = best.masked_fill(finished, PAD)
         logprob = logprob + best_logprob.masked_fill(finished, 0.0)

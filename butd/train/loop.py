@@ -138,6 +138,7 @@ def _train(cfg: Config, options: TrainOptions, ctx: dist.DistContext) -> TrainRe
             if best:
                 save_checkpoint(out / "best.pt", payload)
             save_checkpoint(out / "last.pt", payload)
+        dist.barrier(ctx)  # no rank runs ahead (e.g. into the next stage) before the files exist
 
     lr = learning_rate(tc, epoch=state.epoch, iteration=state.iteration)
     while state.epoch < tc.max_epochs:
