@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
-    from butd.captioner import Captioner
     from butd.train.checkpoint import LoadedModel
 
 

@@ -65,19 +65,32 @@ def word_panel(
     draw = ImageDraw.Draw(overlay)
     font = _font(label_font_size)
     word = result.words[word_index]
-    for rank, (region_index, weight) in reversed(list(enumerate(top))):
-        region = result.regions[region_index]
+    placed: list[tuple[int, int, int, int]] = []
+    # Strongest first, so its label gets the best place; outlines are drawn before any label covers them.
+    for rank, (region_index, weight) in enumerate(top):
         colour = RANK_COLOURS[rank % len(RANK_COLOURS)]
         opacity = round(110 + 145 * (weight / peak if peak > 0 else 0.0))
-        x1, y1, x2, y2 = _scaled_box(region.box, scale, image.size)
-        draw.rectangle((x1, y1, x2, y2), outline=colour + (opacity,), width=3 if rank == 0 else 2)
+        box = _scaled_box(result.regions[region_index].box, scale, image.size)
+        draw.rectangle(box, outline=colour + (opacity,), width=3 if rank == 0 else 2)
+    for rank, (region_index, weight) in enumerate(top):
+        region = result.regions[region_index]
+        colour = RANK_COLOURS[rank % len(RANK_COLOURS)]
+        x1, y1, _, _ = _scaled_box(region.box, scale, image.size)
         label = f"{word}: {region.object or 'region'} ({weight:.2f})"
         left, top_px, right, bottom = draw.textbbox((0, 0), label, font=font)
-        lx = min(max(0, x1), max(0, image.width - (right - left) - 6))
-        ly = max(0, y1 - (bottom - top_px) - 6) if y1 > (bottom - top_px) + 6 else y1
-        draw.rectangle((lx, ly, lx + right - left + 6, ly + bottom - top_px + 6), fill=colour + (opacity,))
+        w, h = right - left + 6, bottom - top_px + 6
+        lx = min(max(0, x1), max(0, image.width - w))
+        ly = y1 - h if y1 >= h else y1  # above the box, or just inside it at the top edge
+        while any(_overlaps((lx, ly, lx + w, ly + h), other) for other in placed) and ly + h < image.height:
+            ly += h  # stack labels that would cover each other
+        placed.append((lx, ly, lx + w, ly + h))
+        draw.rectangle(placed[-1], fill=colour + (235,))
         draw.text((lx + 3 - left, ly + 3 - top_px), label, font=font, fill=(0, 0, 0, 255))
     return Image.alpha_composite(dimmed.convert("RGBA"), overlay).convert("RGB")
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def _scaled_box(box: tuple[float, float, float, float], scale: float, size: tuple[int, int]) -> tuple[int, ...]:

@@ -89,9 +89,13 @@ def test_upload_caption_and_highlight_attended_boxes(server_url):
             sync_api.expect(boxes.first).to_be_visible()
             assert 1 <= boxes.count() <= 5
             labels = boxes.locator(".box-label").all_inner_texts()
+            assert 1 <= len(labels) <= 3
             assert all(label.startswith(f"{word}: ") and label.endswith(")") for label in labels)
-            strengths = [float(b.evaluate("e => getComputedStyle(e).opacity")) for b in boxes.all()]
+            # Outline and fill fade with the weight: the strongest box is fully opaque.
+            strengths = [float(b.evaluate("e => getComputedStyle(e).getPropertyValue('--strength')"))
+                         for b in boxes.all()]
             assert max(strengths) == pytest.approx(1.0, abs=0.01) and min(strengths) > 0.3
+            assert boxes.last.evaluate("e => getComputedStyle(e).borderTopColor") != "rgba(0, 0, 0, 0)"
             sync_api.expect(page.locator("#attended li")).to_have_count(boxes.count())
             page.screenshot(path=str(ARTIFACTS / "browser_caption.png"), full_page=True)
 

@@ -28,6 +28,9 @@ def _worker(rank: int, port: int, data_dir: Path, features: Path, root: Path) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    # One process group for both stages (train() joins an existing group and leaves it alone), as a script
+    # chaining the stages in one torchrun launch would do.
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     saved: list[str] = []
     real_save = loop.save_checkpoint
     loop.save_checkpoint = lambda path, payload: (saved.append(Path(path).name), real_save(path, payload))[1]
@@ -38,6 +41,7 @@ def _worker(rank: int, port: int, data_dir: Path, features: Path, root: Path) ->
                               init=root / "xe" / "best.pt"))
     torch.save({"xe": xe.model.state_dict(), "scst": scst.model.state_dict(), "saved": saved,
                 "iterations": [xe.state.iteration, scst.state.iteration]}, root / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
 
 
 def test_two_gloo_ranks_train_identical_models_and_rank0_alone_writes(tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from butd.config import load_config
 from butd.errors import ButdError, ConfigError
+from butd.train.distributed import teardown_distributed
 from butd.train.loop import TrainOptions, train
 
 
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     except ButdError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    finally:
+        teardown_distributed()
     state = result.state
     if state.val_metrics:
         print(f"done: {state.epoch} epochs, {state.iteration} iterations, best val CIDEr-D {state.best_score:.4f}; "

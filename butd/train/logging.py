@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,31 @@ class RunLogger:
     def _append(self, name: str, record: dict[str, Any]) -> None:
         with open(self.run_dir / name, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+class StepMeter:
+    """Averages of the step values over the current log window (plus images/s) and over the whole epoch."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.images = 0
+        self.window: dict[str, list[float]] = {}
+        self.epoch: dict[str, list[float]] = {}
+        self.started = time.perf_counter()
+
+    def add(self, values: dict[str, float], images: int) -> None:
+        self.count += 1
+        self.images += images
+        for name, value in values.items():
+            self.window.setdefault(name, []).append(value)
+            self.epoch.setdefault(name, []).append(value)
+
+    def window_summary(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        out = {name: sum(v) / len(v) for name, v in self.window.items()}
+        out["images_per_s"] = self.images / elapsed
+        self.window, self.images, self.started = {}, 0, time.perf_counter()
+        return out
+
+    def epoch_summary(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{name}": sum(v) / len(v) for name, v in self.epoch.items()}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from butd.config import Config, TrainConfig, config_from_dict, config_to_dict, save_config
 from butd.data.captions import CaptionData
-from butd.data.dataset import CaptionDataset, build_loader, require_features
+from butd.data.dataset import Batch, CaptionDataset, build_loader, require_features
 from butd.errors import ButdError, ConfigError
 from butd.models import build_model
 from butd.train import distributed as dist
 from butd.train.checkpoint import (capture_rng_state, check_vocabulary, load_checkpoint, restore_rng_state,
                                    save_checkpoint)
-from butd.train.logging import RunLogger
+from butd.train.logging import RunLogger, StepMeter
 from butd.train.rewards import CaptionReward
 from butd.train.scst import ScstObjective
 from butd.train.validate import validate
@@ -75,13 +74,10 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
     """Run (or resume) one training stage; writes RUN_DIR/{config.yaml, last.pt, best.pt, metrics.jsonl}."""
     if options.stage not in STAGES:
         raise ConfigError(f"unknown stage {options.stage!r} (use xe or scst)")
-    owns_group = not torch.distributed.is_initialized()
+    # Joins the process group torchrun describes (or the one already joined) and stays in it: re-creating a group
+    # on the same port within one process can hang, so leaving it is the caller's (tools/train.py's) business.
     ctx = dist.setup_distributed(cfg.train.device)
-    try:
-        return _train(cfg, options, ctx)
-    finally:
-        if owns_group:
-            dist.teardown_distributed()
+    return _train(cfg, options, ctx)
 
 
 def _train(cfg: Config, options: TrainOptions, ctx: dist.DistContext) -> TrainResult:
@@ -100,8 +96,12 @@ def _train(cfg: Config, options: TrainOptions, ctx: dist.DistContext) -> TrainRe
     # Where the weights come from: a run to resume, an earlier stage (--init), or fresh.
     resumed = _load_start(out / "last.pt", data, options, "resume") if options.resume else None
     initial = _load_start(options.init, data, options, "init") if options.init and not resumed else None
+    notes = []
     if initial is not None:
-        cfg.model = config_from_dict({"model": initial["config"]["model"]}).model  # weights fix the shapes
+        init_model = config_from_dict({"model": initial["config"]["model"]}).model  # the weights fix the shapes
+        if init_model != cfg.model:
+            notes.append(f"model section taken from {options.init} (it differs from the config's)")
+        cfg.model = init_model
     model = build_model(cfg.model, len(data.vocab))
     if resumed or initial:
         model.load_state_dict((resumed or initial)["model"])
@@ -124,7 +124,7 @@ def _train(cfg: Config, options: TrainOptions, ctx: dist.DistContext) -> TrainRe
 
     logger = RunLogger(out, enabled=ctx.is_main, tensorboard=tc.tensorboard,
                        resume_iteration=state.iteration if resumed else None)
-    for note in logger.notes:
+    for note in notes + logger.notes:
         logger.message(note)
     if ctx.is_main:
         save_config(cfg, out / "config.yaml")
@@ -152,25 +152,14 @@ def _train(cfg: Config, options: TrainOptions, ctx: dist.DistContext) -> TrainRe
                               world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
         bar = logger.progress(total=state.batch_in_epoch + len(loader), initial=state.batch_in_epoch,
                               desc=f"{options.stage} epoch {epoch + 1}/{tc.max_epochs}")
-        meter = _Meter()
+        meter = StepMeter()
         for batch in loader:
             batch = batch.to(ctx.device, non_blocking=True)
             lr = learning_rate(tc, epoch=epoch, iteration=state.iteration)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
-                output = step_fn(batch, ss_prob)
-            names = ["loss", *output.stats]
-            values = dict(zip(names, torch.stack([output.loss.detach().float(),
-                                                  *[v.float() for v in output.stats.values()]]).tolist()))
-            # A non-finite loss must never reach backward/step; every rank skips together (DDP all-reduce).
-            good = dist.all_ranks_true(math.isfinite(values["loss"]), ctx)
-            if good:
-                output.loss.backward()
-                good = _finite_gradients_then_clip(model, tc.grad_clip)  # grads are identical on all ranks
-                if good:
-                    optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            values, good = train_step(step_fn, model, optimizer, batch, ss_prob=ss_prob, grad_clip=tc.grad_clip,
+                                      bf16=bf16, ctx=ctx)
             state.iteration += 1
             state.batch_in_epoch += 1
             if good:
@@ -278,16 +267,26 @@ def _restore_rng(payload: dict[str, Any], state: TrainState, ctx: dist.DistConte
         _seed_everything(1_000_003 * state.epoch + ctx.rank)
 
 
-def _finite_gradients_then_clip(model: nn.Module, clip: float) -> bool:
-    """Check the gradients are finite (before clipping, which would turn inf into a finite value) and clip them."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return True
-    if not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
-        return False
-    if clip > 0:
-        torch.nn.utils.clip_grad_value_(model.parameters(), clip)
-    return True
+def train_step(step_fn: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, *,
+               ss_prob: float, grad_clip: float, bf16: bool, ctx: dist.DistContext) -> tuple[dict[str, float], bool]:
+    """One optimisation step; returns the step's values (``loss`` and the objective's statistics) and whether
+    the step was taken. A non-finite loss never reaches backward and non-finite gradients never reach the
+    optimizer; the gradients are checked before clipping, since clipping would turn inf into a finite value."""
+    with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
+        output = step_fn(batch, ss_prob)
+    stacked = torch.stack([output.loss.detach().float(), *[v.float() for v in output.stats.values()]])
+    values = dict(zip(["loss", *output.stats], stacked.tolist()))  # one host sync for all of them
+    good = dist.all_ranks_true(math.isfinite(values["loss"]), ctx)  # all ranks skip together (DDP all-reduce)
+    if good:
+        output.loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        good = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))  # same on every rank
+        if good:
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_value_(model.parameters(), grad_clip)
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return values, good
 
 
 def _require_finite(model: nn.Module, out: Path) -> None:
@@ -300,31 +299,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class _Meter:
-    """Averages of the step values: over the current log window and over the whole epoch."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.images = 0
-        self.window: dict[str, list[float]] = {}
-        self.epoch: dict[str, list[float]] = {}
-        self.started = time.perf_counter()
-
-    def add(self, values: dict[str, float], images: int) -> None:
-        self.count += 1
-        self.images += images
-        for name, value in values.items():
-            self.window.setdefault(name, []).append(value)
-            self.epoch.setdefault(name, []).append(value)
-
-    def window_summary(self) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        out = {name: sum(v) / len(v) for name, v in self.window.items()}
-        out["images_per_s"] = self.images / elapsed
-        self.window, self.images, self.started = {}, 0, time.perf_counter()
-        return out
-
-    def epoch_summary(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}{name}": sum(v) / len(v) for name, v in self.epoch.items()}

@@ -4,6 +4,7 @@
 
 const TOP_REGIONS = 5;      // boxes drawn per word at most
 const MIN_SHARE = 0.05;     // ...and only those with at least this share of the word's attention
+const LABELLED = 3;         // boxes that get a "word: object (weight)" label
 const COLOURS = ["#ffc400", "#00b7ff", "#ff5aaa", "#78e65a", "#ff8c28"];
 
 const $ = (id) => document.getElementById(id);
@@ -147,14 +148,18 @@ function highlight(wordIndex) {
     box.style.height = `${(100 * (y2 - y1)) / current.height}%`;
     box.style.setProperty("--colour", COLOURS[rank % COLOURS.length]);
     box.style.setProperty("--strength", (0.35 + 0.65 * r.weight / peak).toFixed(3));
-    const label = document.createElement("span");
-    label.className = "box-label";
-    label.textContent = `${word}: ${regionName(region)} (${r.weight.toFixed(2)})`;
-    // A box touching the top edge keeps its label inside, where the stage does not clip it.
-    if (y1 / current.height < 0.07) label.classList.add("inside");
-    box.append(label);
+    // The three strongest boxes are labelled (more labels would cover each other); the list names them all.
+    if (rank < LABELLED) {
+      const label = document.createElement("span");
+      label.className = "box-label";
+      label.textContent = `${word}: ${regionName(region)} (${r.weight.toFixed(2)})`;
+      // A box touching the top edge keeps its label inside, where the stage does not clip it.
+      if (y1 / current.height < 0.07) label.classList.add("inside");
+      box.append(label);
+    }
     layer.append(box);
   });
+  separateLabels(layer);
   regions.forEach((r, rank) => {
     const item = document.createElement("li");
     item.style.setProperty("--colour", COLOURS[rank % COLOURS.length]);
@@ -162,6 +167,22 @@ function highlight(wordIndex) {
     list.append(item);
   });
   attended.append(heading, list);
+}
+
+// Push labels down until they stop covering one another; the strongest box's label keeps its place.
+function separateLabels(layer) {
+  const placed = [];
+  [...layer.querySelectorAll(".box-label")].reverse().forEach((label) => {
+    let shift = 0;
+    for (let tries = 0; tries < 6; tries++) {
+      const rect = label.getBoundingClientRect();
+      const hit = placed.find((p) => rect.left < p.right && p.left < rect.right && rect.top < p.bottom && p.top < rect.bottom);
+      if (!hit) break;
+      shift += hit.bottom - rect.top;
+      label.style.top = `${shift - 3}px`;
+    }
+    placed.push(label.getBoundingClientRect());
+  });
 }
 
 function regionName(region) {
