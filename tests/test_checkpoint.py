@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(single_thread, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     data_dir, features = make_tiny_dataset(root)
     result = train(tiny_config("train.max_epochs=1"),

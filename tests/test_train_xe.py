@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(single_thread, tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
 
 

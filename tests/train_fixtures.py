@@ -25,7 +25,7 @@ MAX_LENGTH = 8
 FEATURE_DIM = 16
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def single_thread():
     """Tiny models train fastest on one thread, and the suite must not oversubscribe a shared CPU."""
     threads = torch.get_num_threads()

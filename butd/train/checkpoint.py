@@ -81,15 +81,11 @@ def check_vocabulary(payload: dict[str, Any], vocab: Vocabulary, *, source: str 
 def capture_rng_state() -> dict[str, Any]:
     """Python, numpy, torch and CUDA RNG states as checkpoint-safe values (no numpy objects)."""
     np_state = np.random.get_state(legacy=False)
-    state = {
-        "python": random.getstate(),
-        "numpy": {"bit_generator": np_state["bit_generator"], "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    return state
+    numpy = {"bit_generator": np_state["bit_generator"],
+             "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": int(np_state["state"]["pos"]),
+             "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])}
+    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
@@ -119,18 +115,14 @@ class LoadedModel:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Build the checkpoint's captioner from its own config and vocabulary, load the weights, eval mode."""
-    from butd.models import build_model  # the models package registers every captioner on import
+    from butd.models import build_model, load_state_checked  # importing it registers every captioner
 
     path = Path(path)
     payload = load_checkpoint(path, map_location="cpu")
     config = config_from_dict(payload["config"], source=f"{path} (config)")
     vocab = Vocabulary(words=payload["vocab"])
     model = build_model(config.model, len(vocab))
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as error:
-        raise DataError(f"{path}: the weights do not fit a {config.model.name} model built from the checkpoint's "
-                        f"own config: {error}") from error
+    load_state_checked(model, payload["model"], source=path, checkpoint_model_name=payload["model_name"])
     model.to(device).eval()
     return LoadedModel(model=model, vocab=vocab, config=config, path=path, stage=str(payload["stage"]),
                        epoch=int(payload.get("epoch", 0)))

@@ -21,7 +21,7 @@ from butd.config import Config, TrainConfig, config_from_dict, config_to_dict, s
 from butd.data.captions import CaptionData
 from butd.data.dataset import Batch, CaptionDataset, build_loader, require_features
 from butd.errors import ButdError, ConfigError
-from butd.models import build_model
+from butd.models import build_model, load_state_checked
 from butd.train import distributed as dist
 from butd.train.checkpoint import (capture_rng_state, check_vocabulary, load_checkpoint, restore_rng_state,
                                    save_checkpoint)
@@ -104,7 +104,9 @@ def _train(cfg: Config, options: TrainOptions, ctx: dist.DistContext) -> TrainRe
         cfg.model = init_model
     model = build_model(cfg.model, len(data.vocab))
     if resumed or initial:
-        model.load_state_dict((resumed or initial)["model"])
+        start = resumed or initial
+        load_state_checked(model, start["model"], source=out / "last.pt" if resumed else options.init,
+                           checkpoint_model_name=start.get("model_name"))
     model.to(ctx.device).train()
 
     # The stage's objective, wrapped whole by DDP so gradients sync however the step uses the model.
@@ -218,8 +220,7 @@ def learning_rate(tc: TrainConfig, *, epoch: int, iteration: int) -> float:
 
 def _make_objective(stage: str, model: nn.Module, cfg: Config, data: CaptionData, device: torch.device) -> nn.Module:
     if stage == "xe":
-        weight = cfg.model.doubly_stochastic_weight if cfg.model.name == "showattendtell" else 0.0
-        return XeObjective(model, label_smoothing=cfg.train.label_smoothing, attention_weight=weight)
+        return XeObjective(model, label_smoothing=cfg.train.label_smoothing)
     reward = CaptionReward.from_caption_data(data, split="train", count_eos=cfg.scst.count_eos,
                                              bleu_weight=cfg.scst.bleu_weight, device=device)
     return ScstObjective(model, reward, num_samples=cfg.scst.num_samples, baseline=cfg.scst.baseline,

@@ -14,7 +14,7 @@ import torch
 from butd.data.captions import CaptionData
 from butd.metrics.cider_tensor import TensorCiderD
 
-PAD, EOS = 0, 2
+PAD, EOS, UNK = 0, 2, 3
 
 
 def words_of(row: Sequence[int]) -> list[int]:
@@ -69,13 +69,18 @@ class CaptionReward:
     @classmethod
     def from_caption_data(cls, data: CaptionData, *, split: str = "train", count_eos: bool = True,
                           bleu_weight: float = 0.0, device: torch.device | str = "cpu") -> CaptionReward:
-        """Rewards against the references of ``split`` (document frequencies from the same split)."""
-        cider = TensorCiderD.from_caption_data(data, split, count_eos=count_eos, device=device)
-        references = None
-        if bleu_weight > 0:
-            references = {int(i): [words_of(row) for row in data.labels(int(i)).tolist()]
-                          for i in data.split_ids(split)}
-        return cls(cider=cider, bleu_weight=bleu_weight, references=references)
+        """Rewards against the references of ``split`` (document frequencies from the same split).
+
+        A reference's ``<unk>`` stands for some rare word, which the model's ``<unk>`` does not reproduce (the
+        evaluation compares with the raw references): the references get an id no caption can contain instead,
+        so emitting ``<unk>`` never earns reward. Otherwise SCST learns to say ``<unk>`` wherever a rare word was.
+        """
+        unmatched = len(data.vocab)  # one past the last word id: the model never emits it
+        references = {int(i): [[unmatched if w == UNK else w for w in words_of(row)]
+                               for row in data.labels(int(i)).tolist()]
+                      for i in data.split_ids(split)}
+        cider = TensorCiderD(references=references, count_eos=count_eos, device=device)
+        return cls(cider=cider, bleu_weight=bleu_weight, references=references if bleu_weight > 0 else None)
 
     @torch.no_grad()
     def __call__(self, image_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -48,21 +48,13 @@ def scheduled_sampling_prob(epoch: int, *, start: int, increase_every: int, incr
     return min(increase_prob * ((epoch - start) // max(increase_every, 1)), max_prob)
 
 
-def attention_penalty(attention: torch.Tensor, token_mask: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
-    """Doubly stochastic attention (Xu et al. 2015): sum over real regions of (1 - sum_t alpha_ti)^2, averaged
-    over captions. attention [R, T, N], token_mask [R, T], region_mask [R, N]."""
-    total = (attention.float() * token_mask.unsqueeze(-1)).sum(dim=1)
-    return (((1.0 - total) ** 2) * region_mask).sum(dim=1).mean()
-
-
 class XeObjective(nn.Module):
     """The XE loss of a batch as a module, so DistributedDataParallel wraps the whole computation."""
 
-    def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0, attention_weight: float = 0.0) -> None:
+    def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
-        self.attention_weight = attention_weight
 
     def forward(self, batch: Batch, ss_prob: float = 0.0) -> StepOutput:
         if batch.labels is None:
@@ -79,14 +71,15 @@ class XeObjective(nn.Module):
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=PAD, label_smoothing=self.label_smoothing)
         stats = {"xe": loss.detach()}
-        if self.attention_weight > 0:
-            penalty = attention_penalty(attention, token_mask.float(), regions.mask.float())
-            stats["attention_penalty"] = penalty.detach()
-            loss = loss + self.attention_weight * penalty
+        # The model's own regulariser: Show-Attend-Tell's doubly stochastic attention, zero for the others.
+        regularization = self.model.regularization_loss(attention, token_mask.float(), regions.mask)
+        if regularization.requires_grad:
+            stats["regularization"] = regularization.detach()
+            loss = loss + regularization
         return StepOutput(loss=loss, stats=stats)
 
     def _scheduled_sampling(self, regions: Regions, inputs: torch.Tensor,
-                            ss_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+                            ss_prob: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         state = self.model.init_state(regions)
         logits, attention = [], []
         for t in range(inputs.shape[1]):
@@ -99,4 +92,5 @@ class XeObjective(nn.Module):
             step_logits, state, weights = self.model.step(tokens, state, regions)
             logits.append(step_logits)
             attention.append(weights)
-        return torch.stack(logits, dim=1), torch.stack(attention, dim=1)
+        # Show and Tell has no attention (None at every step).
+        return torch.stack(logits, dim=1), (torch.stack(attention, dim=1) if attention[0] is not None else None)
