@@ -6,6 +6,7 @@ references. Every step is one of the project's command-line tools, so the demo a
 whose output already exists is skipped, so a killed demo resumes where it stopped.
 
     python tools/demo.py --output demo_output [--num-images 2000] [--config configs/demo.yaml]
+                         [--scst-config configs/demo_scst.yaml]
 """
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ def show_examples(eval_dirs: dict[str, Path], count: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=ROOT / "demo_output", help="working directory of the demo")
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml", help="training configuration")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml", help="XE configuration")
+    parser.add_argument("--scst-config", type=Path, default=ROOT / "configs" / "demo_scst.yaml",
+                        help="SCST configuration (builds on the XE one with a lower learning rate)")
     parser.add_argument("--num-images", default="2000", help="COCO-proxy images (or 'all')")
     parser.add_argument("--beam-size", type=int, default=3, help="beam width for the test-split evaluation")
     parser.add_argument("--examples", type=int, default=5, help="captions to show next to their references")
@@ -67,11 +70,11 @@ def main(argv: list[str] | None = None) -> None:
                                "--num-images", args.num_images], done=proxy / "dataset_coco.json")
     run_step("caption preprocessing", [str(TOOLS / "prepro_captions.py"), "--input", str(proxy / "dataset_coco.json"),
                                        "--output", str(data)], done=data / "info.json")
-    common = ["--config", str(args.config), "--data", str(data), "--features", str(feats)]
-    run_step("XE training", [str(TOOLS / "train.py"), *common, "--stage", "xe", "--output", str(xe_run)],
-             done=xe_run / "best.pt")
-    run_step("SCST training", [str(TOOLS / "train.py"), *common, "--stage", "scst", "--init", str(xe_run / "best.pt"),
-                               "--output", str(scst_run)], done=scst_run / "best.pt")
+    common = ["--data", str(data), "--features", str(feats)]
+    run_step("XE training", [str(TOOLS / "train.py"), "--config", str(args.config), *common, "--stage", "xe",
+                             "--output", str(xe_run)], done=xe_run / "best.pt")
+    run_step("SCST training", [str(TOOLS / "train.py"), "--config", str(args.scst_config), *common, "--stage", "scst",
+                               "--init", str(xe_run / "best.pt"), "--output", str(scst_run)], done=scst_run / "best.pt")
     eval_dirs = {"XE": out / "eval" / "xe", "SCST": out / "eval" / "scst"}
     for (stage, directory), run in zip(eval_dirs.items(), (xe_run, scst_run)):
         run_step(f"{stage} evaluation", [str(TOOLS / "eval.py"), "--checkpoint", str(run / "best.pt"),

@@ -71,9 +71,10 @@ def barrier(ctx: DistContext) -> None:
 def all_ranks_true(flag: bool | torch.Tensor, ctx: DistContext) -> bool:
     """True only if ``flag`` holds on every rank: all ranks must agree to take or skip an optimizer step, or the
     gradient all-reduce of the ranks that go on would wait forever for the ones that skipped."""
+    if not ctx.distributed:
+        return bool(flag)
     value = torch.as_tensor(flag, dtype=torch.float32, device=ctx.device).reshape(1)
-    if ctx.distributed:
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item() > 0)
 
 
