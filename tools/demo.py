@@ -3,7 +3,8 @@
 Builds the proxy subset, preprocesses its captions, trains XE then SCST, evaluates both checkpoints on the proxy's
 test split with beam search and prints the leaderboard table side by side with a few captions next to their
 references. Every step is one of the project's command-line tools, so the demo also shows how to run them. A step
-whose output already exists is skipped, so a killed demo resumes where it stopped.
+whose output already exists is skipped, so a killed demo resumes where it stopped. OUTPUT/summary.json keeps each
+step's wall-clock seconds and both stages' test metrics (benchmarks/full_scale.py reads it).
 
     python tools/demo.py --output demo_output [--num-images 2000] [--config configs/demo.yaml]
                          [--scst-config configs/demo_scst.yaml]
@@ -23,17 +24,31 @@ TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 
 
-def run_step(title: str, args: list[str], *, done: Path) -> None:
-    """Run one tool unless its output ``done`` exists; fail loudly with the tool's own message."""
+def run_step(title: str, args: list[str], *, done: Path) -> float | None:
+    """Run one tool unless its output ``done`` exists; fail loudly with the tool's own message.
+    Returns the step's wall-clock seconds, or ``None`` when it was already done."""
     if done.exists():
         print(f"[demo] {title}: already done ({done})", flush=True)
-        return
+        return None
     print(f"[demo] {title}: {' '.join(args)}", flush=True)
     start = time.perf_counter()
     result = subprocess.run([sys.executable, *args], cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"[demo] {title} failed (exit code {result.returncode})")
-    print(f"[demo] {title}: {time.perf_counter() - start:.0f} s", flush=True)
+    seconds = time.perf_counter() - start
+    print(f"[demo] {title}: {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    """This run's step times (``null``: done by an earlier run) and test metrics, written atomically."""
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    for title, value in (previous.get("step_seconds") or {}).items():
+        if summary["step_seconds"].get(title) is None:  # keep the time measured when the step really ran
+            summary["step_seconds"][title] = value
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def show_examples(eval_dirs: dict[str, Path], count: int) -> None:
@@ -66,24 +81,31 @@ def main(argv: list[str] | None = None) -> None:
     proxy, data, feats = out / "proxy", out / "data", out / "proxy" / "features.lmdb"
     xe_run, scst_run = out / "runs" / "xe", out / "runs" / "scst"
     print("[demo] COCO-proxy: real COCO captions with SYNTHETIC region features (real language, synthetic vision)")
-    run_step("proxy dataset", [str(TOOLS / "make_proxy_dataset.py"), "--output", str(proxy),
-                               "--num-images", args.num_images], done=proxy / "dataset_coco.json")
-    run_step("caption preprocessing", [str(TOOLS / "prepro_captions.py"), "--input", str(proxy / "dataset_coco.json"),
-                                       "--output", str(data)], done=data / "info.json")
+    seconds: dict[str, float | None] = {}  # per step; None: done by an earlier run
+    seconds["proxy dataset"] = run_step(
+        "proxy dataset", [str(TOOLS / "make_proxy_dataset.py"), "--output", str(proxy), "--num-images",
+                          args.num_images], done=proxy / "dataset_coco.json")
+    seconds["caption preprocessing"] = run_step(
+        "caption preprocessing", [str(TOOLS / "prepro_captions.py"), "--input", str(proxy / "dataset_coco.json"),
+                                  "--output", str(data)], done=data / "info.json")
     common = ["--data", str(data), "--features", str(feats)]
-    run_step("XE training", [str(TOOLS / "train.py"), "--config", str(args.config), *common, "--stage", "xe",
-                             "--output", str(xe_run)], done=xe_run / "best.pt")
-    run_step("SCST training", [str(TOOLS / "train.py"), "--config", str(args.scst_config), *common, "--stage", "scst",
-                               "--init", str(xe_run / "best.pt"), "--output", str(scst_run)], done=scst_run / "best.pt")
+    seconds["XE training"] = run_step(
+        "XE training", [str(TOOLS / "train.py"), "--config", str(args.config), *common, "--stage", "xe",
+                        "--output", str(xe_run)], done=xe_run / "best.pt")
+    seconds["SCST training"] = run_step(
+        "SCST training", [str(TOOLS / "train.py"), "--config", str(args.scst_config), *common, "--stage", "scst",
+                          "--init", str(xe_run / "best.pt"), "--output", str(scst_run)], done=scst_run / "best.pt")
     eval_dirs = {"XE": out / "eval" / "xe", "SCST": out / "eval" / "scst"}
     for (stage, directory), run in zip(eval_dirs.items(), (xe_run, scst_run)):
-        run_step(f"{stage} evaluation", [str(TOOLS / "eval.py"), "--checkpoint", str(run / "best.pt"),
-                                         "--data", str(data), "--features", str(feats), "--split", "test",
-                                         "--beam-size", str(args.beam_size), "--output", str(directory)],
-                 done=directory / "metrics.json")
+        seconds[f"{stage} evaluation"] = run_step(
+            f"{stage} evaluation", [str(TOOLS / "eval.py"), "--checkpoint", str(run / "best.pt"), *common,
+                                    "--split", "test", "--beam-size", str(args.beam_size), "--output",
+                                    str(directory)], done=directory / "metrics.json")
 
     rows = {stage: json.loads((d / "metrics.json").read_text()) for stage, d in eval_dirs.items()}
     num_images = rows["XE"]["num_images"]
+    write_summary(out / "summary.json", {"num_images": args.num_images, "beam_size": args.beam_size,
+                                         "step_seconds": seconds, "test_metrics": rows})
     print(f"\nCOCO-proxy test split ({num_images} images, beam {args.beam_size}; synthetic features, real captions)")
     print(format_leaderboard(rows))
     show_examples(eval_dirs, args.examples)

@@ -43,6 +43,8 @@ class TrainConfig:
     weight_decay: float = 0.0  # Adam weight decay
     grad_clip: float = 0.1  # clip each gradient value to [-grad_clip, grad_clip] (0: off)
     label_smoothing: float = 0.0  # XE label smoothing
+    compile: bool = False  # torch.compile the per-word decoder step (inductor; first steps pay the compile time)
+    packed_xe: bool = True  # XE on length-sorted shrinking batches, logits for real tokens only (same loss, faster)
     scheduled_sampling_start: int = -1  # epoch at which scheduled sampling starts (-1: never)
     scheduled_sampling_increase_every: int = 5  # epochs between increases of the sampling probability
     scheduled_sampling_increase_prob: float = 0.05  # increase per step

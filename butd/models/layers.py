@@ -71,14 +71,19 @@ class RegionEmbedding(nn.Module):
 
 
 class StepCaptioner(nn.Module):
-    """Base class of the registered captioners: the teacher-forcing loop and the default regulariser.
+    """Base class of the registered captioners: the word step, teacher forcing and the default regulariser.
 
-    Subclasses set ``name`` (the ``model.name`` they are registered under) and implement
-    ``from_config``, ``encode``, ``init_state`` and ``step``; ``step`` returns the attention weights
-    [B, N] of that word, or ``None`` for a model that has no attention.
+    Subclasses set ``name`` (the ``model.name`` they are registered under), build ``self.embed`` (a
+    ``WordEmbedding``), ``self.dropout`` and ``self.logit`` (the vocabulary projection), and implement
+    ``from_config``, ``encode``, ``init_state`` and ``advance``. A word step is always
+    ``embed -> advance -> word_logits``; splitting it this way lets the packed XE path
+    (``butd.models.packed``) embed a whole caption batch at once and project only the real tokens.
     """
 
     name: ClassVar[str] = ""
+    embed: WordEmbedding
+    dropout: nn.Dropout
+    logit: nn.Linear
 
     @classmethod
     def from_config(cls, cfg: Any, vocab_size: int) -> StepCaptioner:
@@ -99,11 +104,33 @@ class StepCaptioner(nn.Module):
         """The decoder state before <bos>; every tensor has batch on dim 0."""
         raise NotImplementedError(f"{type(self).__qualname__} must implement init_state")
 
+    def advance(
+        self, words: torch.Tensor, state: tuple[torch.Tensor, ...], regions: Regions
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """The recurrent core of one step: embedded previous words [B, E] -> (output [B, H] fed to
+        ``word_logits``, new state, attention weights [B, N] or ``None`` for a model without attention)."""
+        raise NotImplementedError(f"{type(self).__qualname__} must implement advance")
+
+    def compile_advance(self, *, backend: str = "inductor") -> None:
+        """Replace ``advance`` on this instance by its ``torch.compile`` version (``train.compile``).
+
+        The per-word core is where every decoder and the XE loop spend their time: compiling it fuses the LSTM
+        gates, the attention's tanh/softmax and the concatenations into few kernels. ``dynamic=True`` because the
+        batch shrinks step by step in packed XE and beams vary in decoding; ``fullgraph=True`` so a change that
+        breaks the graph fails loudly instead of silently running eager. The state dict is unchanged.
+        """
+        self.advance = torch.compile(self.advance, backend=backend, dynamic=True, fullgraph=True)  # type: ignore[method-assign]
+
+    def word_logits(self, output: torch.Tensor) -> torch.Tensor:
+        """Dropout, then the vocabulary projection (before the softmax): [..., H] -> [..., V]."""
+        return self.logit(self.dropout(output))
+
     def step(
         self, tokens: torch.Tensor, state: tuple[torch.Tensor, ...], regions: Regions
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None]:
         """One word: previous tokens [B] -> (logits [B, V], new state, attention [B, N] or None)."""
-        raise NotImplementedError(f"{type(self).__qualname__} must implement step")
+        output, state, weights = self.advance(self.embed(tokens), state, regions)
+        return self.word_logits(output), state, weights
 
     def forward(self, regions: Regions, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher forcing: inputs [B, T] (inputs[:, 0] == BOS) -> logits [B, T, V], attention [B, T, N]

@@ -35,6 +35,13 @@ class Regions:
             mask=self.mask.repeat_interleave(k, dim=0),
         )
 
+    def head(self, rows: int) -> Regions:
+        """The first ``rows`` images (views, no copy): the still-running rows of a length-sorted batch."""
+        if rows == self.batch_size:
+            return self
+        return Regions(features=self.features[:rows], mean=self.mean[:rows], keys=self.keys[:rows],
+                       mask=self.mask[:rows])
+
     def index_select(self, index: torch.Tensor) -> Regions:
         """Rows ``index`` of every tensor (reorders beams, selects images)."""
         return Regions(

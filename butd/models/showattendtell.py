@@ -114,15 +114,15 @@ class ShowAttendTellCaptioner(StepCaptioner):
         """h0 = tanh(W_h mean), c0 = tanh(W_c mean), each [B, rnn_size]."""
         return torch.tanh(self.init_h(regions.mean)), torch.tanh(self.init_c(regions.mean))
 
-    def step(
-        self, tokens: torch.Tensor, state: State, regions: Regions
+    def advance(
+        self, words: torch.Tensor, state: State, regions: Regions
     ) -> tuple[torch.Tensor, State, torch.Tensor]:
-        """One word: previous tokens [B] -> (logits [B, V], new state, attention weights [B, N])."""
+        """One word: embedded previous words [B, E] -> (h [B, H], new state, attention weights [B, N])."""
         h, c = state
         context, weights = self.attention(h, regions.keys, regions.features, regions.mask)
         gated = torch.sigmoid(self.gate(h)) * context
-        h, c = self.lstm(torch.cat([self.embed(tokens), gated], dim=1), (h, c))
-        return self.logit(self.dropout(h)), (h, c), weights
+        h, c = self.lstm(torch.cat([words, gated], dim=1), (h, c))
+        return h, (h, c), weights
 
     def regularization_loss(
         self, attention: torch.Tensor | None, token_mask: torch.Tensor, region_mask: torch.Tensor

@@ -100,7 +100,7 @@ class ShowTellCaptioner(StepCaptioner):
         zeros = regions.mean.new_zeros(regions.batch_size, self.rnn_size)
         return self.lstm(image, (zeros, zeros))
 
-    def step(self, tokens: torch.Tensor, state: State, regions: Regions) -> tuple[torch.Tensor, State, None]:
-        """One word: previous tokens [B] -> (logits [B, V], new state, None)."""
-        h, c = self.lstm(self.embed(tokens), state)
-        return self.logit(self.dropout(h)), (h, c), None
+    def advance(self, words: torch.Tensor, state: State, regions: Regions) -> tuple[torch.Tensor, State, None]:
+        """One word: embedded previous words [B, E] -> (h [B, H], new state, None)."""
+        h, c = self.lstm(words, state)
+        return h, (h, c), None

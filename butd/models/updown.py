@@ -94,14 +94,12 @@ class UpDownCaptioner(StepCaptioner):
         zeros = regions.mean.new_zeros(regions.batch_size, self.rnn_size)
         return (zeros, zeros, zeros, zeros)
 
-    def step(
-        self, tokens: torch.Tensor, state: State, regions: Regions
+    def advance(
+        self, words: torch.Tensor, state: State, regions: Regions
     ) -> tuple[torch.Tensor, State, torch.Tensor]:
-        """One word: previous tokens [B] -> (logits [B, V], new state, attention weights [B, N])."""
+        """One word's LSTMs: embedded previous words [B, E] -> (h_lang [B, H], new state, attention [B, N])."""
         h_att, c_att, h_lang, c_lang = state
-        word = self.embed(tokens)
-        h_att, c_att = self.att_lstm(torch.cat([h_lang, regions.mean, word], dim=1), (h_att, c_att))
+        h_att, c_att = self.att_lstm(torch.cat([h_lang, regions.mean, words], dim=1), (h_att, c_att))
         attended, weights = self.attention(h_att, regions.keys, regions.features, regions.mask)
         h_lang, c_lang = self.lang_lstm(torch.cat([attended, h_att], dim=1), (h_lang, c_lang))
-        logits = self.logit(self.dropout(h_lang))
-        return logits, (h_att, c_att, h_lang, c_lang), weights
+        return h_lang, (h_att, c_att, h_lang, c_lang), weights

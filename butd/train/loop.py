@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,14 +109,20 @@ def _train(cfg: Config, options: TrainOptions, ctx: dist.DistContext) -> TrainRe
         load_state_checked(model, start["model"], source=out / "last.pt" if resumed else options.init,
                            checkpoint_model_name=start.get("model_name"))
     model.to(ctx.device).train()
+    if tc.compile:
+        model.compile_advance()
 
     # The stage's objective, wrapped whole by DDP so gradients sync however the step uses the model.
     objective = _make_objective(options.stage, model, cfg, data, ctx.device)
     step_fn = DistributedDataParallel(objective) if ctx.distributed else objective
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    # The fused CUDA kernel updates every parameter in one launch (the foreach default needs several per tensor list).
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                                 fused=ctx.device.type == "cuda")
     state = TrainState()
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
+        for group in optimizer.param_groups:  # the saved flag is the writing machine's; keep this device's choice
+            group["fused"] = ctx.device.type == "cuda"
         state = _state_from(resumed)
     if cfg.data.cache != "none":
         if cfg.data.cache == "gpu" and ctx.device.type != "cuda":
@@ -155,6 +162,7 @@ def _train(cfg: Config, options: TrainOptions, ctx: dist.DistContext) -> TrainRe
         bar = logger.progress(total=state.batch_in_epoch + len(loader), initial=state.batch_in_epoch,
                               desc=f"{options.stage} epoch {epoch + 1}/{tc.max_epochs}")
         meter = StepMeter()
+        epoch_start = time.perf_counter()
         for batch in loader:
             batch = batch.to(ctx.device, non_blocking=True)
             lr = learning_rate(tc, epoch=epoch, iteration=state.iteration)
@@ -185,6 +193,7 @@ def _train(cfg: Config, options: TrainOptions, ctx: dist.DistContext) -> TrainRe
             if tc.checkpoint_every_iters and state.iteration % tc.checkpoint_every_iters == 0:
                 checkpoint(best=False)
         bar.close()
+        train_seconds = time.perf_counter() - epoch_start  # this epoch's steps (of this process, after a resume)
 
         state.epoch += 1
         state.batch_in_epoch = 0
@@ -198,7 +207,8 @@ def _train(cfg: Config, options: TrainOptions, ctx: dist.DistContext) -> TrainRe
                 state.best_score = max(state.best_score, metrics["CIDEr-D"])
                 logger.log_validation({"epoch": state.epoch, "iteration": state.iteration, "stage": options.stage,
                                        **metrics, **meter.epoch_summary(prefix="train_"),
-                                       "lr": lr, "bad_steps": state.bad_steps_total})
+                                       "lr": lr, "bad_steps": state.bad_steps_total,
+                                       "train_seconds": round(train_seconds, 2), **_peak_memory(ctx.device)})
                 logger.message(f"{options.stage} epoch {state.epoch}: val CIDEr-D {metrics['CIDEr-D']:.4f}"
                                f"{' (best)' if best else ''}, train loss "
                                f"{meter.epoch_summary().get('loss', math.nan):.4f}")
@@ -220,7 +230,7 @@ def learning_rate(tc: TrainConfig, *, epoch: int, iteration: int) -> float:
 
 def _make_objective(stage: str, model: nn.Module, cfg: Config, data: CaptionData, device: torch.device) -> nn.Module:
     if stage == "xe":
-        return XeObjective(model, label_smoothing=cfg.train.label_smoothing)
+        return XeObjective(model, label_smoothing=cfg.train.label_smoothing, packed=cfg.train.packed_xe)
     reward = CaptionReward.from_caption_data(data, split="train", count_eos=cfg.scst.count_eos,
                                              bleu_weight=cfg.scst.bleu_weight, device=device)
     return ScstObjective(model, reward, num_samples=cfg.scst.num_samples, baseline=cfg.scst.baseline,
@@ -288,6 +298,13 @@ def train_step(step_fn: nn.Module, model: nn.Module, optimizer: torch.optim.Opti
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return values, good
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """The stage's peak GPU memory so far (GiB), for the validation record; nothing on CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
 
 
 def _require_finite(model: nn.Module, out: Path) -> None:

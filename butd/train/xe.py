@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from butd.data.dataset import Batch
+from butd.models.packed import PackedRows, packed_teacher_forcing
 from butd.models.regions import Regions
 
 PAD, BOS, EOS = 0, 1, 2
@@ -51,10 +52,11 @@ def scheduled_sampling_prob(epoch: int, *, start: int, increase_every: int, incr
 class XeObjective(nn.Module):
     """The XE loss of a batch as a module, so DistributedDataParallel wraps the whole computation."""
 
-    def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0) -> None:
+    def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0, packed: bool = True) -> None:
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
+        self.packed = packed  # the packed fast path (butd.models.packed); same loss as the padded loop
 
     def forward(self, batch: Batch, ss_prob: float = 0.0) -> StepOutput:
         if batch.labels is None:
@@ -63,11 +65,15 @@ class XeObjective(nn.Module):
         regions = self.model.encode(batch.features, batch.region_mask, batch.boxes, batch.image_size)
         inputs, targets = teacher_forcing_pair(batch.labels.reshape(b * seq_per_img, max_length))
         regions = regions.repeat(seq_per_img)
-        if ss_prob > 0:
+        token_mask = targets != PAD
+        if self.packed and ss_prob == 0:
+            rows = PackedRows.from_lengths(token_mask.sum(dim=1))
+            outputs, attention = packed_teacher_forcing(self.model, regions, inputs, rows)
+            logits, targets = self.model.word_logits(outputs), rows.pack(targets)  # real tokens only
+        elif ss_prob > 0:
             logits, attention = self._scheduled_sampling(regions, inputs, ss_prob)
         else:
             logits, attention = self.model(regions, inputs)
-        token_mask = targets != PAD
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=PAD, label_smoothing=self.label_smoothing)
         stats = {"xe": loss.detach()}
