@@ -323,3 +323,31 @@ def test_min_length_forbids_the_empty_caption_but_keeps_model_logprobs():
         assert out.tokens[0].tolist()[:3] == [4, 5, EOS]
         torch.testing.assert_close(out.logprob, torch.tensor([math.log(0.4)]))
     assert greedy_decode(model, fake_regions(1), max_length=5, min_length=0).tokens[0].tolist() == [EOS]
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 4, 16])
+def test_checking_for_the_end_less_often_changes_no_output(monkeypatch, check_every):
+    """Decoders ask "has every row ended?" only every STOP_CHECK_EVERY steps (a host sync each); the extra steps
+    they decode are all <pad> and are trimmed, so every output equals the check-every-step one."""
+    import butd.decoding.common as common
+
+    model = tiny_model()
+    regions, _, _ = encoded(model)
+
+    def decode():
+        return (greedy_decode(model, regions, max_length=30),
+                beam_search(model, regions, beam_size=3, max_length=30),
+                sample(model, regions, num_samples=2, max_length=30, generator=torch.Generator().manual_seed(5)))
+
+    monkeypatch.setattr(common, "STOP_CHECK_EVERY", 1)
+    reference = decode()
+    monkeypatch.setattr(common, "STOP_CHECK_EVERY", check_every)
+    for expected, got in zip(reference, decode()):
+        for field in ("tokens", "logprob", "attention", "alternatives", "alternative_logprobs", "token_logprobs",
+                      "mask"):
+            want, have = getattr(expected, field, None), getattr(got, field, None)
+            if want is None:  # greedy has no alternatives, a sample no single logprob
+                assert have is None, field
+            else:
+                assert want.shape == have.shape and torch.equal(want, have), field
+    assert reference[0].tokens.shape[1] < 30  # the captions end early, so there were steps to trim

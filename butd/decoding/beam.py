@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from butd.decoding.common import BOS, EOS, PAD, StepModel, forbid_early_eos, next_token_logprobs, reorder_state
+from butd.decoding.common import (BOS, EOS, PAD, StepModel, every_row_ended, forbid_early_eos, next_token_logprobs,
+                                  reorder_state, steps_used)
 from butd.decoding.result import DecodeOutput
 from butd.models.regions import Regions
 
@@ -107,7 +108,7 @@ def beam_search(
         if block_trigrams:
             history = torch.cat([history.gather(1, parent.unsqueeze(-1).expand_as(history)), token.unsqueeze(-1)], 2)
         prev = token.view(-1)
-        if bool(finished.all()):
+        if every_row_ended(finished, t):
             break
 
     # Follow the backpointers from the final beams to the first step (attention: best beam only).
@@ -123,10 +124,12 @@ def beam_search(
     # topk returned the survivors of the last step best first under the final ranking
     # (sum / final length**alpha), so beam 0 is the answer.
     alternatives = torch.stack(tokens[::-1], dim=2)  # [B, K, T]
+    steps = steps_used(alternatives)
+    alternatives = alternatives[..., :steps]
     return DecodeOutput(
         tokens=alternatives[:, 0],
         logprob=scores[:, 0],
-        attention=torch.cat(attention[::-1], dim=1) if attention else None,
+        attention=torch.cat(attention[::-1], dim=1)[:, :steps] if attention else None,
         alternatives=alternatives,
         alternative_logprobs=scores,
     )

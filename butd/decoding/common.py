@@ -10,6 +10,11 @@ from butd.models.regions import Regions
 # Token ids fixed by docs/architecture.md (same as butd.data.captions.Vocabulary).
 PAD, BOS, EOS = 0, 1, 2
 
+# Decoders stop once every row has ended, but asking "has every row ended?" copies a flag to the host, which on a
+# GPU stalls the queue of launched kernels. Asking every few steps keeps the GPU busy; the steps decoded after the
+# last row ended only add <pad> columns, which ``steps_used`` trims, so the output is the same.
+STOP_CHECK_EVERY = 4
+
 
 class StepModel(Protocol):
     """What a decoder needs from a captioner: every registered model provides it."""
@@ -44,6 +49,20 @@ def forbid_early_eos(logprobs: torch.Tensor, step: int, min_length: int) -> torc
     if step >= min_length:
         return logprobs
     return logprobs.index_fill(-1, torch.tensor([EOS], device=logprobs.device), float("-inf"))
+
+
+def every_row_ended(finished: torch.Tensor, step: int) -> bool:
+    """Whether decoding may stop after ``step`` (0-based): checked, with one host sync, every ``STOP_CHECK_EVERY``
+    steps only."""
+    return (step + 1) % STOP_CHECK_EVERY == 0 and bool(finished.all())
+
+
+def steps_used(tokens: torch.Tensor) -> int:
+    """Columns of ``tokens`` [..., T] up to the last one any row emitted a token in (<pad> is never emitted, so the
+    rest are the trailing all-<pad> steps decoded after every row ended); at least 1."""
+    emitted = (tokens != PAD).reshape(-1, tokens.shape[-1]).any(dim=0)
+    last = torch.where(emitted, torch.arange(emitted.numel(), device=tokens.device), -1).max()
+    return max(int(last) + 1, 1)
 
 
 def reorder_state(state: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from butd.decoding.common import BOS, EOS, PAD, StepModel, forbid_early_eos, next_token_logprobs
+from butd.decoding.common import (BOS, EOS, PAD, StepModel, every_row_ended, forbid_early_eos, next_token_logprobs,
+                                  steps_used)
 from butd.decoding.result import DecodeOutput
 from butd.models.regions import Regions
 
@@ -40,10 +41,12 @@ def greedy_decode(
             attention.append(weights.float().masked_fill(finished.unsqueeze(1), 0.0))
         finished = finished | (best == EOS)
         prev = best
-        if bool(finished.all()):
+        if every_row_ended(finished, t):
             break
+    tokens = torch.stack(tokens, dim=1)
+    steps = steps_used(tokens)
     return DecodeOutput(
-        tokens=torch.stack(tokens, dim=1),
+        tokens=tokens[:, :steps],
         logprob=logprob,
-        attention=torch.stack(attention, dim=1) if attention else None,
+        attention=torch.stack(attention, dim=1)[:, :steps] if attention else None,
     )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from butd.decoding.common import BOS, EOS, PAD, StepModel, next_token_logprobs
+from butd.decoding.common import BOS, EOS, PAD, StepModel, every_row_ended, next_token_logprobs, steps_used
 from butd.decoding.result import SampleOutput
 from butd.models.regions import Regions
 
@@ -12,6 +12,8 @@ def filter_logprobs(logprobs: torch.Tensor, *, temperature: float, top_k: int, t
     """The distribution actually sampled from, as log-probs [rows, V]: tempered, restricted to the
     ``top_k`` most probable tokens (0: all) and to the smallest set whose mass reaches ``top_p``
     (nucleus; 1.0: all), then renormalised."""
+    if temperature == 1.0 and top_k == 0 and top_p == 1.0:
+        return logprobs  # the model's own distribution: renormalising it again would be one more pass over [rows, V]
     out = logprobs / temperature if temperature != 1.0 else logprobs
     if top_k > 0 and top_k < out.shape[-1]:
         kth = out.topk(top_k, dim=-1).values[:, -1:]
@@ -44,7 +46,8 @@ def sample(
     that is the distribution whose score function the policy gradient needs. With the defaults
     (temperature 1, no filtering) it is the model's own distribution. ``mask`` is 1.0 for every
     token up to and including <eos>, 0.0 on the <pad> after it. ``T <= max_length``: decoding
-    stops once every row has ended (one host sync per step for that check, nothing else).
+    stops once every row has ended (checked every ``STOP_CHECK_EVERY`` steps: the only host syncs, with the
+    final trim of the all-<pad> steps).
     Pass a seeded ``generator`` for reproducible samples.
     """
     if num_samples < 1 or max_length < 1:
@@ -60,7 +63,7 @@ def sample(
     prev = torch.full((rows,), BOS, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     tokens, logprobs, masks = [], [], []
-    for _ in range(max_length):
+    for t in range(max_length):
         logits, state, _ = model.step(prev, state, regions)
         dist = filter_logprobs(next_token_logprobs(logits), temperature=temperature, top_k=top_k, top_p=top_p)
         # Gumbel-max: argmax(log p + Gumbel noise) is a draw from p, without the host sync
@@ -74,10 +77,12 @@ def sample(
         masks.append((~finished).float())
         finished = finished | (token == EOS)
         prev = token
-        if bool(finished.all()):
+        if every_row_ended(finished, t):
             break
+    tokens = torch.stack(tokens, dim=1)
+    steps = steps_used(tokens)
     return SampleOutput(
-        tokens=torch.stack(tokens, dim=1),
-        token_logprobs=torch.stack(logprobs, dim=1),
-        mask=torch.stack(masks, dim=1),
+        tokens=tokens[:, :steps],
+        token_logprobs=torch.stack(logprobs, dim=1)[:, :steps],
+        mask=torch.stack(masks, dim=1)[:, :steps],
     )
