@@ -97,22 +97,39 @@ def test_packed_rows_rejects_an_empty_row():
         PackedRows.from_lengths(torch.tensor([3, 0, 2]))
 
 
-def test_compiled_step_trains_and_decodes_like_the_eager_one():
-    """``train.compile``: the torch.compile'd ``advance`` (traced whole, backward included; the cheap aot_eager
-    backend stands in for inductor) gives the eager loss, gradients and greedy captions."""
-    from butd.decoding import greedy_decode
+def decode_everything(model: torch.nn.Module, data: Batch) -> list[torch.Tensor]:
+    """What validation, SCST and evaluation run: greedy (eval), sampling with gradients (train), beam search."""
+    from butd.decoding import beam_search, greedy_decode, sample
 
+    model.eval()
+    with torch.no_grad():
+        regions = model.encode(data.features, data.region_mask)
+        greedy = greedy_decode(model, regions, max_length=6).tokens
+        beams = beam_search(model, regions, beam_size=3, max_length=6).alternatives
+    model.train()
+    drawn = sample(model, model.encode(data.features, data.region_mask), num_samples=2, max_length=6,
+                   generator=torch.Generator().manual_seed(0))
+    drawn.token_logprobs.sum().backward()
+    return [greedy, beams, drawn.tokens, drawn.token_logprobs.detach()]
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_compiled_step_trains_and_decodes_like_the_eager_one(fullgraph):
+    """``train.compile``: the torch.compile'd ``advance`` (the cheap aot_eager backend stands in for inductor)
+    gives the eager loss and gradients, then the eager captions in every decoder. ``fullgraph=True``: the XE step
+    has no graph break; ``fullgraph=False`` (what training uses): every decoder runs after it without error."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(feature_dim=FEAT, rnn_size=16, att_hid_size=8, input_encoding_size=10,
                                     dropout=0.0), VOCAB).train()
     data = batch()
     eager_loss, eager_grads = loss_and_grads(model, True, data)
-    eager_tokens = greedy_decode(model, model.encode(data.features, data.region_mask), max_length=6).tokens
-    model.compile_advance(backend="aot_eager")
+    eager_outputs = decode_everything(model, data) if not fullgraph else None
+    model.compile_advance(backend="aot_eager", fullgraph=fullgraph)
     compiled_loss, compiled_grads = loss_and_grads(model, True, data)
     torch.testing.assert_close(compiled_loss, eager_loss)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, msg=name)
-    compiled_tokens = greedy_decode(model, model.encode(data.features, data.region_mask), max_length=6).tokens
-    assert torch.equal(compiled_tokens, eager_tokens)
+    if eager_outputs is not None:
+        for eager, compiled in zip(eager_outputs, decode_everything(model, data)):
+            torch.testing.assert_close(compiled, eager)
     assert "advance" not in "".join(model.state_dict())  # checkpoints do not change

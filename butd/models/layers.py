@@ -111,15 +111,18 @@ class StepCaptioner(nn.Module):
         ``word_logits``, new state, attention weights [B, N] or ``None`` for a model without attention)."""
         raise NotImplementedError(f"{type(self).__qualname__} must implement advance")
 
-    def compile_advance(self, *, backend: str = "inductor") -> None:
+    def compile_advance(self, *, backend: str = "inductor", fullgraph: bool = False) -> None:
         """Replace ``advance`` on this instance by its ``torch.compile`` version (``train.compile``).
 
         The per-word core is where every decoder and the XE loop spend their time: compiling it fuses the LSTM
         gates, the attention's tanh/softmax and the concatenations into few kernels. ``dynamic=True`` because the
-        batch shrinks step by step in packed XE and beams vary in decoding; ``fullgraph=True`` so a change that
-        breaks the graph fails loudly instead of silently running eager. The state dict is unchanged.
+        batch shrinks step by step in packed XE and beams vary in decoding. Each way of calling it (train or eval
+        mode, with or without gradients, first step or later) is a graph of its own; past torch's recompile limit
+        a new variant runs eager, with a torch warning, unless ``fullgraph`` (tests) turns that into an error.
+        The state dict is unchanged.
         """
-        self.advance = torch.compile(self.advance, backend=backend, dynamic=True, fullgraph=True)  # type: ignore[method-assign]
+        self.advance = torch.compile(  # type: ignore[method-assign]
+            self.advance, backend=backend, dynamic=True, fullgraph=fullgraph)
 
     def word_logits(self, output: torch.Tensor) -> torch.Tensor:
         """Dropout, then the vocabulary projection (before the softmax): [..., H] -> [..., V]."""
