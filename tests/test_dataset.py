@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from butd.data.caption_choice import choose_caption_rows
 from butd.data.captions import CaptionData
 from butd.data.dataset import (Batch, CaptionDataset, EpochBatchSampler, batches_per_epoch, build_loader,
-                               choose_captions, collate, require_features)
+                               collate, require_features)
 from butd.errors import DataError
 from train_fixtures import FEATURE_DIM, make_tiny_dataset
 
@@ -44,15 +45,47 @@ def test_collate_pads_regions_and_masks_them(tiny):
     assert batch.to("cpu").labels is not None and len(batch) == 3
 
 
-def test_choose_captions_subsets_or_samples_with_replacement():
-    labels = np.arange(3 * 4).reshape(3, 4)
-    rng = np.random.default_rng(0)
-    fewer = choose_captions(labels, 5, rng)
-    assert fewer.shape == (5, 4)
-    assert {tuple(r) for r in fewer} == {tuple(r) for r in labels}  # every caption used, two repeated
-    many = np.arange(7 * 2).reshape(7, 2)
-    subset = choose_captions(many, 5, rng)
-    assert len({tuple(r) for r in subset}) == 5  # drawn without replacement
+def test_choose_caption_rows_subsets_or_samples_with_replacement():
+    counts = np.array([3, 7, 5, 1, 6] * 40)
+    image_ids = np.arange(len(counts)) * 11
+    chosen = choose_caption_rows(counts, 5, seed=0, epoch=2, image_ids=image_ids)
+    assert chosen.shape == (200, 5) and (chosen >= 0).all() and (chosen < counts[:, None]).all()
+    for rows, k in zip(chosen, counts):
+        if k >= 5:
+            assert len(set(rows.tolist())) == 5  # drawn without replacement
+        else:
+            assert set(rows.tolist()) == set(range(k))  # every caption used, some repeated
+    # Random order: with fewer captions, the repeats are not always at the end; with more, not always ascending.
+    three = chosen[counts == 3]
+    assert len({tuple(r) for r in three}) > 10 and not all(tuple(r[:3]) == (0, 1, 2) for r in three)
+    assert not all((np.diff(r) > 0).all() for r in chosen[counts == 7])
+
+
+def test_choose_caption_rows_is_a_function_of_seed_epoch_and_image_only():
+    counts, image_ids = np.array([7, 4, 6]), np.array([5, 9, 13])
+    batch = choose_caption_rows(counts, 5, seed=1, epoch=3, image_ids=image_ids)
+    for i in range(3):  # the same rows alone, in another batch, or in another order
+        assert np.array_equal(choose_caption_rows(counts[i:i + 1], 5, seed=1, epoch=3, image_ids=image_ids[i:i + 1]),
+                              batch[i:i + 1])
+    assert np.array_equal(choose_caption_rows(counts[::-1], 5, seed=1, epoch=3, image_ids=image_ids[::-1]),
+                          batch[::-1])
+    many = np.full(50, 7)
+    ids = np.arange(50)
+    first = choose_caption_rows(many, 5, seed=1, epoch=0, image_ids=ids)
+    assert not np.array_equal(first, choose_caption_rows(many, 5, seed=1, epoch=1, image_ids=ids))
+    assert not np.array_equal(first, choose_caption_rows(many, 5, seed=2, epoch=0, image_ids=ids))
+    with pytest.raises(ValueError, match="image 9 has no caption"):
+        choose_caption_rows(np.array([3, 0]), 5, seed=0, epoch=0, image_ids=np.array([5, 9]))
+
+
+def test_caption_choice_is_uniform_over_an_images_captions():
+    """Over many epochs each of 7 captions is one of the 5 chosen equally often (5/7 of the epochs)."""
+    epochs = np.arange(3000)
+    hits = np.zeros(7)
+    for epoch in epochs[:3000]:
+        hits += np.bincount(choose_caption_rows(np.array([7]), 5, seed=0, epoch=int(epoch),
+                                                image_ids=np.array([42]))[0], minlength=7)
+    assert np.allclose(hits / len(epochs), 5 / 7, atol=0.03)
 
 
 def test_caption_choice_is_seeded_per_epoch_and_image(tiny):

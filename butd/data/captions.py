@@ -238,6 +238,21 @@ class CaptionData:
         start = int(self._captions.caption_start[row])
         return self._captions.labels[start:start + int(self._captions.caption_count[row])].astype(np.int64)
 
+    def caption_ranges(self, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(first label row, number of captions) of each of ``image_ids`` [B], for ``label_rows``."""
+        ids = self._captions.image_ids
+        image_ids = np.asarray(image_ids, dtype=np.int64)
+        pos = np.searchsorted(ids, image_ids).clip(max=max(len(ids) - 1, 0))
+        missing = image_ids[ids[pos] != image_ids] if len(ids) else image_ids
+        if len(missing):
+            raise KeyError(f"image {int(missing[0])} has no captions in {self.data_dir / CAPTIONS_FILE}")
+        return (self._captions.caption_start[pos].astype(np.int64),
+                self._captions.caption_count[pos].astype(np.int64))
+
+    def label_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Label rows by their index in the whole table (``caption_ranges``): [...] -> [..., max_length] int64."""
+        return self._captions.labels[rows].astype(np.int64)
+
     def references(self, image_id: int) -> list[str]:
         """The raw reference captions of ``image_id`` (for evaluation)."""
         if self._references is None:

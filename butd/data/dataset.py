@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from butd.data.caption_choice import choose_caption_rows
 from butd.data.captions import CaptionData
 from butd.data.store import FeatureStore
 from butd.errors import DataError
@@ -57,17 +58,6 @@ class Example:
     labels: np.ndarray | None  # [seq_per_img, max_length] int64
 
 
-def choose_captions(labels: np.ndarray, seq_per_img: int, rng: np.random.Generator) -> np.ndarray:
-    """``seq_per_img`` of an image's label rows: a random subset when it has more, and when it has fewer, all of
-    them plus extra rows drawn with replacement (so every caption is seen), shuffled."""
-    k = labels.shape[0]
-    if k >= seq_per_img:
-        rows = rng.choice(k, size=seq_per_img, replace=False)
-    else:
-        rows = rng.permutation(np.concatenate([np.arange(k), rng.integers(0, k, size=seq_per_img - k)]))
-    return labels[rows]
-
-
 class CaptionDataset(Dataset):
     """Item ``i`` (or ``(i, epoch)``) -> :class:`Example` of the ``i``-th image of ``split``."""
 
@@ -88,11 +78,19 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def labels_for_batch(self, indices: Sequence[int] | np.ndarray, epoch: int) -> np.ndarray:
+        """The ``seq_per_img`` label rows of items ``indices`` in ``epoch``: [B, seq_per_img, max_length].
+
+        A pure function of (seed, epoch, image id), computed for the whole batch at once
+        (``butd.data.caption_choice``)."""
+        image_ids = self.image_ids[np.asarray(indices, dtype=np.int64)]
+        starts, counts = self.data.caption_ranges(image_ids)
+        chosen = choose_caption_rows(counts, self.seq_per_img, seed=self.seed, epoch=epoch, image_ids=image_ids)
+        return self.data.label_rows(starts[:, None] + chosen)
+
     def labels_for(self, index: int, epoch: int) -> np.ndarray:
-        """The ``seq_per_img`` label rows of item ``index`` in ``epoch`` (deterministic)."""
-        image_id = int(self.image_ids[index])
-        rng = np.random.default_rng([self.seed, epoch, image_id])
-        return choose_captions(self.data.labels(image_id), self.seq_per_img, rng)
+        """The ``seq_per_img`` label rows of item ``index`` in ``epoch`` (deterministic): [seq_per_img, max_length]."""
+        return self.labels_for_batch([index], epoch)[0]
 
     def __getitem__(self, key: int | ItemKey) -> Example:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -264,8 +262,8 @@ class CachedLoader:
             features, boxes, image_size, mask = cache.gather(index)
             labels = None
             if self.dataset.with_labels:
-                labels = torch.from_numpy(np.stack([self.dataset.labels_for(i, e) for i, e in keys]))
-                labels = labels.to(features.device)
+                epoch = keys[0][1]  # the sampler gives every key of a batch the same epoch
+                labels = torch.from_numpy(self.dataset.labels_for_batch(rows, epoch)).to(features.device)
             image_ids = torch.from_numpy(self.dataset.image_ids[rows]).to(features.device)
             yield Batch(image_ids=image_ids, features=features, boxes=boxes, image_size=image_size,
                         region_mask=mask, labels=labels)
