@@ -46,6 +46,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-per-img", type=int, default=5)
     p.add_argument("--max-length", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder step (train.compile); the "
+                   "warm-up iterations absorb the compile time, so give it --warmup 5 or more")
 
 
 def build(args: argparse.Namespace) -> tuple[torch.nn.Module, DistContext, bool]:
@@ -58,6 +60,8 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, DistContext, bool]
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     model = build_model(cfg.model, args.vocab_size).to(device).train()
+    if args.compile:
+        model.compile_advance()
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     return model, DistContext(rank=0, world_size=1, local_rank=0, device=device), precision == "bf16"
 
@@ -106,7 +110,8 @@ def time_steps(step_fn: torch.nn.Module, model: torch.nn.Module, batch: Batch, a
     images_per_s = args.batch_size / seconds
     return {
         "device": torch.cuda.get_device_name(ctx.device) if cuda else "cpu",
-        "precision": "bf16" if bf16 else "fp32", "batch_size": args.batch_size, "iters": args.iters,
+        "precision": "bf16" if bf16 else "fp32", "compile": args.compile, "batch_size": args.batch_size,
+        "iters": args.iters,
         "ms_per_iter": round(seconds * 1000, 2), "images_per_s": round(images_per_s, 1),
         "karpathy_epoch_s": round(KARPATHY_TRAIN_IMAGES / images_per_s, 1),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(ctx.device) / 2**30, 2) if cuda else None,
