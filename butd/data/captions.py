@@ -225,18 +225,10 @@ class CaptionData:
                             f"(has {sorted(self._splits)})")
         return self._splits[split].copy()
 
-    def _row(self, image_id: int) -> int:
-        ids = self._captions.image_ids
-        pos = int(np.searchsorted(ids, image_id))
-        if pos == len(ids) or ids[pos] != image_id:
-            raise KeyError(f"image {image_id} has no captions in {self.data_dir / CAPTIONS_FILE}")
-        return pos
-
     def labels(self, image_id: int) -> np.ndarray:
         """All label rows of ``image_id``: [k, max_length] int64 word ids, zero padded, no bos/eos."""
-        row = self._row(image_id)
-        start = int(self._captions.caption_start[row])
-        return self._captions.labels[start:start + int(self._captions.caption_count[row])].astype(np.int64)
+        (start,), (count,) = self.caption_ranges(np.asarray([image_id]))
+        return self.label_rows(np.arange(start, start + count))
 
     def caption_ranges(self, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(first label row, number of captions) of each of ``image_ids`` [B], for ``label_rows``."""

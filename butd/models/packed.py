@@ -68,19 +68,23 @@ class PackedRows:
 
 
 def packed_teacher_forcing(
-    model: StepCaptioner, regions: Regions, inputs: torch.Tensor, rows: PackedRows
+    model: StepCaptioner, regions: Regions, inputs: torch.Tensor, rows: PackedRows, *, rows_per_image: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the decoder over the real tokens only.
 
-    ``inputs`` [R, T] (``inputs[:, 0] == BOS``) are the teacher-forced previous words, ``regions`` has one row per
-    caption row. Returns the decoder outputs [P, H] in packed order (``rows.pack`` gives the matching targets; feed
+    ``inputs`` [R, T] (``inputs[:, 0] == BOS``) are the teacher-forced previous words; caption row ``r`` belongs to
+    image ``r // rows_per_image`` of ``regions`` (the XE batch's ``seq_per_img`` captions per image are gathered
+    straight into sorted order, without repeating the regions first). Returns the decoder outputs [P, H] in packed order (``rows.pack`` gives the matching targets; feed
     them to ``model.word_logits``) and the attention weights [R, T, N] in the original row order (zero after a
     row's end), or ``None`` for a model without attention.
     """
     if inputs.dim() != 2 or inputs.shape[0] != len(rows.order) or inputs.shape[1] < len(rows.active):
         raise ValueError(f"packed_teacher_forcing: inputs {tuple(inputs.shape)} do not fit {len(rows.order)} rows "
                          f"of up to {len(rows.active)} tokens")
-    regions = regions.index_select(rows.order)
+    if regions.batch_size * rows_per_image != len(rows.order):
+        raise ValueError(f"packed_teacher_forcing: {regions.batch_size} images x {rows_per_image} rows per image "
+                         f"do not make {len(rows.order)} caption rows")
+    regions = regions.index_select(torch.div(rows.order, rows_per_image, rounding_mode="floor"))
     words = model.embed(inputs.index_select(0, rows.order)[:, : len(rows.active)])  # [R, T, E], one call
     state = model.init_state(regions)
     outputs, attention = [], []

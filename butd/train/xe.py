@@ -64,21 +64,21 @@ class XeObjective(nn.Module):
         b, seq_per_img, max_length = batch.labels.shape
         regions = self.model.encode(batch.features, batch.region_mask, batch.boxes, batch.image_size)
         inputs, targets = teacher_forcing_pair(batch.labels.reshape(b * seq_per_img, max_length))
-        regions = regions.repeat(seq_per_img)
         token_mask = targets != PAD
         if self.packed and ss_prob == 0:
             rows = PackedRows.from_lengths(token_mask.sum(dim=1))
-            outputs, attention = packed_teacher_forcing(self.model, regions, inputs, rows)
+            outputs, attention = packed_teacher_forcing(self.model, regions, inputs, rows, rows_per_image=seq_per_img)
             logits, targets = self.model.word_logits(outputs), rows.pack(targets)  # real tokens only
         elif ss_prob > 0:
-            logits, attention = self._scheduled_sampling(regions, inputs, ss_prob)
+            logits, attention = self._scheduled_sampling(regions.repeat(seq_per_img), inputs, ss_prob)
         else:
-            logits, attention = self.model(regions, inputs)
+            logits, attention = self.model(regions.repeat(seq_per_img), inputs)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=PAD, label_smoothing=self.label_smoothing)
         stats = {"xe": loss.detach()}
         # The model's own regulariser: Show-Attend-Tell's doubly stochastic attention, zero for the others.
-        regularization = self.model.regularization_loss(attention, token_mask.float(), regions.mask)
+        regularization = self.model.regularization_loss(attention, token_mask.float(),
+                                                        regions.mask.repeat_interleave(seq_per_img, dim=0))
         if regularization.requires_grad:
             stats["regularization"] = regularization.detach()
             loss = loss + regularization
