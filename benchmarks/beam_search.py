@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from butd.core.devices import resolve_device
 from butd.decoding import beam_search
 from butd.models import UpDownCaptioner
 
@@ -44,14 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.num_images < 1 or args.batch_size < 1 or args.beam_size < 1:
         parser.error("--num-images, --batch-size and --beam-size must be >= 1")
     return args
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("beam_search benchmark: --device cuda requested but CUDA is not available")
-    return torch.device(name)
 
 
 def synchronize(device: torch.device) -> None:

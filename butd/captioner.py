@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from butd.core.devices import resolve_device
 from butd.data.package_data import attribute_names, object_names
 from butd.decoding import beam_search, to_results
 from butd.errors import ConfigError
@@ -95,13 +96,6 @@ class ImageCaption:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` picks CUDA when available; anything else is passed to ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class Captioner:

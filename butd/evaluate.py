@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from butd.config import EvalConfig
+from butd.core.files import write_atomic
 from butd.data.captions import CaptionData
 from butd.data.store import FeatureStore
 from butd.decoding import CaptionResult
 from butd.errors import ConfigError, DataError
-from butd.inference import check_features, decode_images, resolve_device, unique_ids
+from butd.core.devices import resolve_device
+from butd.inference import check_features, decode_images, unique_ids
 from butd.metrics import METRIC_NAMES, load_coco_references, load_results, score_captions, write_results
 from butd.train.checkpoint import LoadedModel, load_model
 
@@ -269,7 +269,7 @@ def _write_metrics(out: Path, evaluation: Evaluation, *, checkpoint: str | None,
                    extra: dict[str, Any]) -> Path:
     document = {**evaluation.metrics, "num_images": evaluation.num_images, "beam_size": beam_size,
                 "checkpoint": checkpoint, "notes": evaluation.notes, **extra}
-    return _write_text(out / "metrics.json", json.dumps(document, indent=2) + "\n")
+    return write_atomic(out / "metrics.json", json.dumps(document, indent=2) + "\n")
 
 
 def _write_jsonl(path: Path, results: Mapping[int, CaptionResult | str],
@@ -289,7 +289,7 @@ def _write_jsonl(path: Path, results: Mapping[int, CaptionResult | str],
         if isinstance(result, CaptionResult) and result.alternatives:
             entry["alternatives"] = [{"caption": c, "logprob": lp} for c, lp in result.alternatives]
         lines.append(json.dumps(entry, ensure_ascii=False))
-    return _write_text(path, "".join(line + "\n" for line in lines))
+    return write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _write_results(path: Path, captions: Mapping[int, str]) -> Path:
@@ -297,15 +297,3 @@ def _write_results(path: Path, captions: Mapping[int, str]) -> Path:
     return path
 
 
-def _write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

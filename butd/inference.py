@@ -8,7 +8,6 @@ lands in.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -16,37 +15,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from butd.core.devices import autocast_context, resolve_device
 from butd.data.dataset import Example, collate
 from butd.data.store import FeatureStore
 from butd.decoding import CaptionResult, beam_search, greedy_decode, to_results
 from butd.decoding.result import Decoder
 from butd.errors import ConfigError, DataError
 
-PRECISIONS = ("auto", "fp32", "bf16")
 _MAX_LISTED = 10
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise ConfigError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine")
-    return resolved
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA for ``bf16`` (and ``auto``); plain fp32 otherwise (CPU autocast is not used:
-    it is slower than fp32 on most CPUs and would make CPU captions differ from the reference numbers)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def unique_ids(image_ids: Iterable[int]) -> list[int]:

@@ -7,14 +7,13 @@ proportional to its weight, outlined and labelled ``"word: object (0.42)"``; the
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from butd.captioner import ImageCaption
+from butd.core.files import write_atomic
 
 # Outline colours by rank of the region (most attended first): distinct on photographs and for colour-blind readers.
 RANK_COLOURS = [(255, 200, 0), (0, 190, 255), (255, 90, 170), (120, 230, 90), (255, 140, 40)]
@@ -156,12 +155,5 @@ def save_attention_figure(image: Image.Image | np.ndarray, result: ImageCaption,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure = attention_figure(image, result, **kwargs)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.save(handle, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: figure.save(tmp, format="PNG"))
     return path

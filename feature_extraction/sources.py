@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from butd.core.files import write_atomic
 from butd.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -137,9 +138,7 @@ class FailureLog:
         if not image_ids & set(self.previous):
             return
         self.previous = {k: v for k, v in self.previous.items() if k not in image_ids}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(_line(f) for f in self.previous.values()), encoding="utf-8")
-        tmp.replace(self.path)
+        write_atomic(self.path, "".join(_line(f) for f in self.previous.values()))
 
 
 def _line(failure: Failure) -> str:

@@ -15,15 +15,14 @@ the file is refused before it can run).
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from butd.core.files import write_atomic
 from butd.errors import ConfigError, DataError
 from feature_extraction.backbone import Bottleneck, ConvBN, FrozenBatchNorm
 from feature_extraction.config import DetectorConfig
@@ -220,18 +219,14 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
     fmt = checkpoint_format(path)
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     raw = _to_d2(state, model.config) if fmt == PKL else _to_bua(state, model.config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if fmt == PKL:
-                pickle.dump({"model": raw, "__author__": "butd"}, f, protocol=4)
-            else:
-                torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in raw.items()}}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(tmp: Path) -> None:
+        if fmt == PKL:
+            tmp.write_bytes(pickle.dumps({"model": raw, "__author__": "butd"}, protocol=4))
+        else:
+            torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in raw.items()}}, tmp)
+
+    write_atomic(path, write)
 
 
 def initialize_random(model: nn.Module, *, seed: int = 0) -> None:

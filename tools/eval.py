@@ -21,7 +21,7 @@ from pathlib import Path
 from butd.errors import ButdError
 from butd.evaluate import (DecodeSettings, Evaluation, caption_image_info, evaluate_results_file, evaluate_split,
                            format_leaderboard)
-from butd.inference import PRECISIONS
+from butd.core.devices import PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:

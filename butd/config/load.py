@@ -7,14 +7,13 @@ values of the wrong type and values outside a key's choices are errors that name
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from butd.config.defaults import Config
+from butd.core.files import write_atomic
 from butd.errors import ConfigError
 
 # Keys whose value must be one of a few words.
@@ -60,17 +59,8 @@ def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the merged configuration as YAML, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text)
 
 
 def _read_yaml_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:

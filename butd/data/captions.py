@@ -7,21 +7,20 @@ Python containers, no open file handles), so it can be shared with forked DataLo
 from __future__ import annotations
 
 import json
-import os
 import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from itertools import repeat
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from butd.core.files import write_atomic, write_json_atomic
+from butd.core.tokens import Vocabulary
 from butd.errors import DataError
 
 FORMAT_VERSION = 1
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 SPLITS = ("train", "val", "test")
 VOCAB_FILE, CAPTIONS_FILE, SPLITS_FILE = "vocab.json", "captions.h5", "splits.json"
 REFERENCES_FILE, INFO_FILE = "references.json", "info.json"
@@ -37,74 +36,6 @@ def tokenize(raw: str) -> list[str]:
     return raw.lower().encode("utf-8").translate(None, _PUNCTUATION).decode("utf-8").split()
 
 
-class Vocabulary:
-    """Word list with the special tokens ``<pad>``=0, ``<bos>``=1, ``<eos>``=2, ``<unk>``=3 first."""
-
-    PAD, BOS, EOS, UNK = 0, 1, 2, 3
-
-    def __init__(self, *, words: Sequence[str]) -> None:
-        words = list(words)
-        if tuple(words[:4]) != SPECIAL_TOKENS:
-            raise DataError(f"vocabulary must start with {list(SPECIAL_TOKENS)}, got {words[:4]}")
-        index = {w: i for i, w in enumerate(words)}
-        if len(index) != len(words):
-            dup = next(w for i, w in enumerate(words) if index[w] != i)
-            raise DataError(f"vocabulary lists the word {dup!r} twice")
-        self.words = words
-        self._index = index
-
-    @classmethod
-    def from_counts(cls, counts: Mapping[str, int], *, min_count: int) -> Vocabulary:
-        """Words seen more than ``min_count`` times, by count descending then alphabetically."""
-        kept = [w for w, c in counts.items() if c > min_count and w not in SPECIAL_TOKENS]
-        kept.sort(key=lambda w: (-counts[w], w))
-        return cls(words=[*SPECIAL_TOKENS, *kept])
-
-    def __len__(self) -> int:
-        return len(self.words)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Vocabulary) and self.words == other.words
-
-    __hash__ = None  # equal by content, so not hashable
-
-    def __repr__(self) -> str:
-        return f"Vocabulary({len(self)} words)"
-
-    def encode(self, tokens: Iterable[str]) -> list[int]:
-        """Word ids of ``tokens``; words not in the vocabulary become ``<unk>``."""
-        return list(map(self._index.get, tokens, repeat(self.UNK)))
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Join the words of ``ids`` with spaces, stopping at ``<eos>`` and skipping ``<pad>``/``<bos>``."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == self.EOS:
-                break
-            if i in (self.PAD, self.BOS):
-                continue
-            if not 0 <= i < len(self.words):
-                raise ValueError(f"token id {i} is outside the vocabulary (size {len(self.words)})")
-            out.append(self.words[i])
-        return " ".join(out)
-
-    def to_json(self) -> dict:
-        """The ``vocab.json`` document."""
-        return {"format_version": FORMAT_VERSION, "words": list(self.words)}
-
-    @classmethod
-    def from_json(cls, d: Mapping) -> Vocabulary:
-        """Inverse of :meth:`to_json`; DataError if the document is malformed."""
-        if not isinstance(d, Mapping) or not isinstance(d.get("words"), list):
-            raise DataError("vocabulary document must be an object with a 'words' list")
-        if d.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"vocabulary format_version {d.get('format_version')!r} is not {FORMAT_VERSION}")
-        if not all(isinstance(w, str) for w in d["words"]):
-            raise DataError("vocabulary 'words' must all be strings")
-        return cls(words=d["words"])
-
-
 @dataclass(frozen=True)
 class EncodedCaptions:
     """Label rows of all images, grouped by image: rows ``caption_start[i] : + caption_count[i]`` of image i."""
@@ -118,25 +49,6 @@ class EncodedCaptions:
     @property
     def max_length(self) -> int:
         return int(self.labels.shape[1])
-
-
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` via a temporary file and ``os.replace``."""
-    _replace_atomically(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def write_json_atomic(path: str | Path, document: object) -> None:
-    """Write ``document`` as JSON to ``path`` via a temporary file and ``os.replace``."""
-    write_text_atomic(path, json.dumps(document))
 
 
 def butd_version() -> str:
@@ -165,7 +77,7 @@ def write_data_dir(out_dir: str | Path, *, vocab: Vocabulary, captions: EncodedC
             f.create_dataset("labels", data=captions.labels.astype(np.int32), compression="gzip")
             f.create_dataset("lengths", data=captions.lengths.astype(np.int32))
 
-    _replace_atomically(out / CAPTIONS_FILE, write_h5)
+    write_atomic(out / CAPTIONS_FILE, write_h5)
     write_json_atomic(out / SPLITS_FILE, {name: [int(i) for i in splits[name]] for name in SPLITS})
     write_json_atomic(out / REFERENCES_FILE, {str(int(k)): list(v) for k, v in references.items()})
     write_json_atomic(out / INFO_FILE, dict(info))

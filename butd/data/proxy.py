@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from butd.data.captions import butd_version, tokenize, write_json_atomic, write_text_atomic
+from butd.core.files import write_atomic, write_json_atomic
+from butd.data.captions import butd_version, tokenize
 from butd.data.coco_source import CocoCaptions, KarpathySplit
 from butd.data.proxy_concepts import ConceptLexicon
-from butd.data.proxy_features import (FEATURE_DIM, WORLD_SEED, FeatureSynthesizer, image_rng, layout_regions)
+from butd.data.proxy_features import FEATURE_DIM, WORLD_SEED, FeatureSynthesizer, image_rng, layout_regions
 from butd.data.store import FeatureRecord, FeatureStore, FeatureWriter, read_metadata
 from butd.errors import ConfigError, DataError
 
@@ -154,7 +155,7 @@ def make_proxy_dataset(coco: CocoCaptions, split: KarpathySplit, output: str | P
             "feature_dtype": "float16", "features": "features.lmdb", "dataset": "dataset_coco.json"}
     write_json_atomic(out / "info.json", info)
     write_json_atomic(out / "dataset_coco.json", karpathy_document(coco, selection))
-    write_text_atomic(out / "README.txt", README)
+    write_atomic(out / "README.txt", README)
 
     lexicon = ConceptLexicon.packaged()
     synth = FeatureSynthesizer(num_objects=lexicon.num_objects, num_attributes=lexicon.num_attributes,

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from butd.decoding.beam import beam_search
-from butd.decoding.common import BOS, EOS, PAD, next_token_logprobs
+from butd.core.tokens import BOS, EOS, PAD
+from butd.decoding.common import next_token_logprobs
 from butd.decoding.greedy import greedy_decode
 from butd.decoding.result import CaptionResult, DecodeOutput, SampleOutput, to_results
 from butd.decoding.sample import sample

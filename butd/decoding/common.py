@@ -5,10 +5,10 @@ from typing import Any, Protocol
 
 import torch
 
+from butd.core.tokens import BOS, EOS, PAD
 from butd.models.regions import Regions
 
 # Token ids fixed by docs/architecture.md (same as butd.data.captions.Vocabulary).
-PAD, BOS, EOS = 0, 1, 2
 
 # Decoders stop once every row has ended, but asking "has every row ended?" copies a flag to the host, which on a
 # GPU stalls the queue of launched kernels. Asking every few steps keeps the GPU busy; the steps decoded after the

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from butd.decoding.common import (BOS, EOS, PAD, StepModel, every_row_ended, forbid_early_eos, next_token_logprobs,
+from butd.core.tokens import BOS, EOS, PAD
+from butd.decoding.common import (StepModel, every_row_ended, forbid_early_eos, next_token_logprobs,
                                   steps_used)
 from butd.decoding.result import DecodeOutput
 from butd.models.regions import Regions

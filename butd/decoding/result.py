@@ -8,7 +8,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from butd.decoding.common import EOS, PAD
+from butd.core.tokens import words_of
 
 
 @dataclass
@@ -50,16 +50,6 @@ class CaptionResult:
     attention: np.ndarray
     boxes: np.ndarray  # [num_real_regions, 4] x1, y1, x2, y2 pixels, same order as the attention columns
     alternatives: list[tuple[str, float]] = field(default_factory=list)  # beam search: (caption, logprob), best first
-
-
-def words_of(row: Sequence[int]) -> list[int]:
-    """The word ids of a decoded row: everything before the first <eos> or <pad>."""
-    words = []
-    for token in row:
-        if token in (EOS, PAD):
-            break
-        words.append(int(token))
-    return words
 
 
 def to_results(

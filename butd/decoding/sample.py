@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from butd.decoding.common import BOS, EOS, PAD, StepModel, every_row_ended, next_token_logprobs, steps_used
+from butd.core.tokens import BOS, EOS, PAD
+from butd.decoding.common import StepModel, every_row_ended, next_token_logprobs, steps_used
 from butd.decoding.result import SampleOutput
 from butd.models.regions import Regions
 

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from butd.core.tokens import EOS, PAD
 from butd.errors import DataError
 
 if TYPE_CHECKING:
     from butd.data.captions import CaptionData
 
-PAD, EOS = 0, 2
 _SLOT_BITS = 16
 MAX_TOKEN_ID = 2**15 - 2  # token + 1 < 2**15: the top slot cannot reach the int64 sign bit
 

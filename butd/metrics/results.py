@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import lzma
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from butd.core.files import write_atomic
 from butd.errors import DataError
 
 _MAX_LISTED = 10
@@ -134,13 +133,4 @@ def write_results(path: str | Path, captions: Mapping[int, str]) -> None:
             problems.append(f"image {image_id}: {reason}")
     _refuse(path, "captions cannot be written", problems)
     entries = [{"image_id": i, "caption": captions[i]} for i in sorted(captions)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(entries, f, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(entries, ensure_ascii=False) + "\n")

@@ -5,9 +5,7 @@ A checkpoint is one ``torch.save`` file holding only tensors and plain Python va
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import torch
 from torch import nn
 
 from butd.config import Config, config_from_dict
+from butd.core.files import write_atomic
 from butd.data.captions import Vocabulary
 from butd.errors import DataError
 
@@ -26,24 +25,12 @@ REQUIRED_KEYS = ("format_version", "stage", "model_name", "model", "config", "vo
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically: a temporary file in the same directory, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
             torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename itself is durable only once the directory entry is flushed.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+    write_atomic(path, write)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -115,7 +102,10 @@ class LoadedModel:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Build the checkpoint's captioner from its own config and vocabulary, load the weights, eval mode."""
-    from butd.models import build_model, load_state_checked  # importing it registers every captioner
+    from butd.models import (  # importing it registers every captioner
+        build_model,
+        load_state_checked,
+    )
 
     path = Path(path)
     payload = load_checkpoint(path, map_location="cpu")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from butd.errors import ConfigError
+from butd.core.devices import resolve_device
 
 
 @dataclass(frozen=True)
@@ -33,21 +33,12 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``train.device``: auto (CUDA when available), cpu or cuda; one GPU per local rank."""
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but CUDA is not available (use train.device=auto or cpu)")
-    return torch.device("cuda", local_rank)
-
-
 def setup_distributed(device_preference: str = "auto") -> DistContext:
     """Join the process group that ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_preference, local_rank)
+    device = resolve_device(device_preference, local_rank=local_rank)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

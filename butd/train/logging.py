@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from butd.core.files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TRAIN_LOG_FILE = "train_log.jsonl"
@@ -44,9 +45,7 @@ def truncate_jsonl(path: Path, *, max_iteration: int) -> None:
             continue
         if int(record.get("iteration", 0)) <= max_iteration:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 class RunLogger:

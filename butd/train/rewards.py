@@ -11,21 +11,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from butd.core.tokens import UNK, words_of
 from butd.data.captions import CaptionData
 from butd.metrics.cider_tensor import TensorCiderD
-
-PAD, EOS, UNK = 0, 2, 3
-
-
-def words_of(row: Sequence[int]) -> list[int]:
-    """The word ids of a label row or a sampled row: everything before the first ``<eos>`` / ``<pad>``."""
-    out = []
-    for token in row:
-        if token in (PAD, EOS):
-            break
-        out.append(int(token))
-    return out
-
 
 def _ngrams(words: Sequence[int], n: int) -> Counter[tuple[int, ...]]:
     return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from butd.core.tokens import BOS, EOS, PAD
 from butd.data.dataset import Batch
 from butd.models.packed import PackedRows, packed_teacher_forcing
 from butd.models.regions import Regions
 
-PAD, BOS, EOS = 0, 1, 2
 
 
 @dataclass
