@@ -18,7 +18,7 @@ from PIL import Image
 
 from butd.core.devices import resolve_device
 from butd.data.package_data import attribute_names, object_names
-from butd.decoding import beam_search, to_results
+from butd.decoding import DecodeOptions, decode, to_results
 from butd.errors import ConfigError
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
@@ -136,9 +136,7 @@ class Captioner:
         self.box_policy = BoxPolicy.parse(boxes) if isinstance(boxes, str) else boxes
         self.batch_size = batch_size
         self.detector_name = detector_name
-        self.max_length = int(self.config.eval.max_length)
-        self.length_penalty = float(self.config.eval.length_penalty)
-        self.block_trigrams = bool(self.config.eval.block_trigrams)
+        self.decoding = DecodeOptions.from_config(self.config.eval)  # beam_size is chosen per call
         self._objects = [names[0] for names in object_names()]
         self._attributes = [names[0] for names in attribute_names()]
 
@@ -181,7 +179,7 @@ class Captioner:
             "checkpoint": str(self.checkpoint) if self.checkpoint is not None else None,
             "model": str(getattr(self.model, "name", type(self.model).__name__)),
             "vocab_size": len(self.vocab),
-            "max_length": self.max_length,
+            "max_length": self.decoding.max_length,
         }
 
     def caption(
@@ -193,8 +191,7 @@ class Captioner:
         Raises ``feature_extraction.images.ImageError`` (a ``butd.errors.DataError``) naming the image when one
         cannot be read or is unusable (e.g. a 1 x 5000 strip).
         """
-        if not 1 <= beam_size <= 100:
-            raise ConfigError(f"beam_size must be in 1..100, got {beam_size}")
+        options = self.decoding.with_overrides(beam_size=beam_size)  # ConfigError for a beam outside 1..100
         if names is not None and len(names) != len(images):
             raise ValueError(f"caption: {len(names)} names for {len(images)} images")
         labels = list(names) if names is not None else [_default_name(img, i) for i, img in enumerate(images)]
@@ -204,7 +201,7 @@ class Captioner:
             arrays = [_to_array(img, labels[start + i]) for i, img in enumerate(chunk)]
             for array, name in zip(arrays, labels[start:]):
                 self.check_image(array.shape[1], array.shape[0], name)
-            results.extend(self._caption_arrays(arrays, labels[start : start + len(chunk)], beam_size))
+            results.extend(self._caption_arrays(arrays, labels[start : start + len(chunk)], options))
         return results
 
     def check_image(self, width: int, height: int, name: str) -> None:
@@ -217,7 +214,8 @@ class Captioner:
             check_resizable(height, width, scale=config.test_scale, max_size=config.test_max_size, source=name)
 
     @torch.inference_mode()
-    def _caption_arrays(self, arrays: list[np.ndarray], names: list[str], beam_size: int) -> list[ImageCaption]:
+    def _caption_arrays(self, arrays: list[np.ndarray], names: list[str],
+                        options: DecodeOptions) -> list[ImageCaption]:
         detections = self.detector.detect(arrays, boxes=self.box_policy)
         batch = _pad_detections(detections, self.device)
         expected = int(self.config.model.feature_dim)
@@ -227,14 +225,7 @@ class Captioner:
                 f"{self.checkpoint} was trained on {expected}-d ones"
             )
         regions = self.model.encode(batch["features"], batch["mask"], batch["boxes"], batch["size"])
-        output = beam_search(
-            self.model,
-            regions,
-            beam_size=beam_size,
-            max_length=self.max_length,
-            length_penalty=self.length_penalty,
-            block_trigrams=self.block_trigrams,
-        )
+        output = decode(self.model, regions, options)
         results = to_results(
             output, self.vocab, image_ids=range(len(arrays)), boxes=batch["boxes"], region_mask=batch["mask"]
         )
@@ -252,7 +243,9 @@ class Captioner:
             words=words,
             attention=np.asarray(result.attention, dtype=np.float32).reshape(len(words), len(regions)),
             regions=regions,
-            alternatives=tuple(Alternative(caption=c, logprob=float(lp)) for c, lp in result.alternatives),
+            # Greedy decoding (beam 1) has no other beams: the caption is the one alternative.
+            alternatives=tuple(Alternative(caption=c, logprob=float(lp)) for c, lp in result.alternatives)
+            or (Alternative(caption=result.caption, logprob=float(result.logprob)),),
         )
 
     def _region(self, det: Any, i: int) -> Region:

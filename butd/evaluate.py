@@ -11,17 +11,17 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from butd.config import EvalConfig
+from butd.config import apply_overrides
+from butd.core.devices import Precision, check_precision, resolve_device
 from butd.core.files import write_atomic
 from butd.data.captions import CaptionData
 from butd.data.store import FeatureStore
-from butd.decoding import CaptionResult
+from butd.decoding import CaptionResult, DecodeOptions
 from butd.errors import ConfigError, DataError
-from butd.core.devices import resolve_device
 from butd.inference import check_features, decode_images, unique_ids
 from butd.metrics import METRIC_NAMES, load_coco_references, load_results, score_captions, write_results
 from butd.train.checkpoint import LoadedModel, load_model
@@ -31,22 +31,24 @@ _SPLIT_NAME = re.compile(r"(train|val|test)(\d{4})")
 
 
 @dataclass(frozen=True)
-class DecodeSettings:
-    """How to decode; a field left ``None`` takes the value of the checkpoint's ``eval`` config section."""
+class EvalSettings:
+    """How to run an evaluation. Decoding follows the checkpoint's ``eval`` config section, changed by
+    ``overrides`` (``("eval.beam_size=5",)``, checked like any config override)."""
 
-    beam_size: int | None = None
-    max_length: int | None = None
-    batch_size: int | None = None
-    length_penalty: float | None = None
-    block_trigrams: bool | None = None
-    device: str = "auto"
-    precision: str = "fp32"
+    overrides: tuple[str, ...] = ()
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Precision = "fp32"  # fp32 gives the reference numbers; bf16 / auto: bf16 autocast on CUDA
 
-    def resolved(self, cfg: EvalConfig) -> DecodeSettings:
-        """These settings with every ``None`` replaced by the value in ``cfg``."""
-        return replace(self, **{name: getattr(cfg, name) for name in
-                                ("beam_size", "max_length", "batch_size", "length_penalty", "block_trigrams")
-                                if getattr(self, name) is None})
+
+@dataclass(frozen=True)
+class _Run:
+    """A loaded checkpoint and the resolved settings of one evaluation."""
+
+    loaded: LoadedModel
+    options: DecodeOptions
+    batch_size: int
+    device: str
+    precision: Precision
 
 
 @dataclass
@@ -134,7 +136,7 @@ def read_image_info(path: str | Path) -> ImageInfo:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, data_dir: str | Path, features: str | Path, split: str = "test",
-                        output_dir: str | Path | None = None, settings: DecodeSettings | None = None,
+                        output_dir: str | Path | None = None, settings: EvalSettings | None = None,
                         spice_jars: str | Path | None = None, alg: str | None = None) -> dict[str, float | None]:
     """Decode ``split`` of DATA_DIR with a checkpoint and score it; returns the raw (0-1) metrics by name
     (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE; None when unavailable). See :func:`evaluate_split`."""
@@ -143,7 +145,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_dir: str | Path, feature
 
 
 def evaluate_split(checkpoint: str | Path, *, data_dir: str | Path, features: str | Path, split: str = "test",
-                   output_dir: str | Path | None = None, settings: DecodeSettings | None = None,
+                   output_dir: str | Path | None = None, settings: EvalSettings | None = None,
                    spice_jars: str | Path | None = None, alg: str | None = None) -> Evaluation:
     """Decode every image of ``split`` and score the captions against DATA_DIR's references with the COCO
     toolkit. With ``output_dir``, writes metrics.json, captions_<split>.jsonl and the COCO result file."""
@@ -151,9 +153,9 @@ def evaluate_split(checkpoint: str | Path, *, data_dir: str | Path, features: st
     image_ids = [int(i) for i in data.split_ids(split)]
     if not image_ids:
         raise DataError(f"split {split!r} of {data_dir} has no images")
-    loaded, opts = _load(checkpoint, settings)
-    alg = alg_name(alg or _default_alg(loaded))
-    results = _decode(loaded, features, image_ids, opts, source=f"split {split!r} of {data_dir}")
+    run = _load(checkpoint, settings)
+    alg = alg_name(alg or _default_alg(run.loaded))
+    results = _decode(run, features, image_ids, source=f"split {split!r} of {data_dir}")
     captions = _captions(results)
     try:
         references = {i: data.references(i) for i in image_ids}
@@ -164,25 +166,26 @@ def evaluate_split(checkpoint: str | Path, *, data_dir: str | Path, features: st
     evaluation = Evaluation(label=alg, metrics=metrics, notes=list(report.notes), num_images=len(captions))
     if output_dir is not None:
         out = Path(output_dir)
-        extra = {"split": split, "alg": alg, **_settings_json(opts)}
+        extra = {"split": split, "alg": alg, **_settings_json(run)}
         # metrics.json last: its presence marks a complete output directory.
         evaluation.files = [
             _write_jsonl(out / f"captions_{split}.jsonl", results, references, report.per_image),
             _write_results(out / results_file_name(split, alg), captions),
-            _write_metrics(out, evaluation, checkpoint=str(loaded.path), beam_size=opts.beam_size, extra=extra),
+            _write_metrics(out, evaluation, checkpoint=str(run.loaded.path), beam_size=run.options.beam_size,
+                           extra=extra),
         ]
     return evaluation
 
 
 def caption_image_info(checkpoint: str | Path, *, image_info: str | Path, features: str | Path,
-                       output_dir: str | Path, settings: DecodeSettings | None = None,
+                       output_dir: str | Path, settings: EvalSettings | None = None,
                        alg: str | None = None) -> Evaluation:
     """Caption every image of a COCO image-info file for the evaluation server (no scoring: no references).
     Writes ``captions_<split>_<alg>_results.json`` (every listed image once) and ``captions_<split>.jsonl``."""
     info = read_image_info(image_info)
-    loaded, opts = _load(checkpoint, settings)
-    alg = alg_name(alg or _default_alg(loaded))
-    results = _decode(loaded, features, info.image_ids, opts, source=str(info.path))
+    run = _load(checkpoint, settings)
+    alg = alg_name(alg or _default_alg(run.loaded))
+    results = _decode(run, features, info.image_ids, source=str(info.path))
     captions = _captions(results)
     out = Path(output_dir)
     files = [_write_jsonl(out / f"captions_{info.split_name}.jsonl", results, None, None),
@@ -218,26 +221,27 @@ def evaluate_results_file(results: str | Path, *, references: str | Path, output
 
 # --- decoding -------------------------------------------------------------------------------------------------
 
-def _load(checkpoint: str | Path, settings: DecodeSettings | None) -> tuple[LoadedModel, DecodeSettings]:
-    settings = settings or DecodeSettings()
+def _load(checkpoint: str | Path, settings: EvalSettings | None) -> _Run:
+    settings = settings or EvalSettings()
+    precision = check_precision(settings.precision)
     device = resolve_device(settings.device)
     loaded = load_model(checkpoint, device=device)
-    return loaded, replace(settings.resolved(loaded.config.eval), device=str(device))
+    cfg = apply_overrides(loaded.config, settings.overrides, source="evaluation settings").eval
+    return _Run(loaded=loaded, options=DecodeOptions.from_config(cfg), batch_size=cfg.batch_size,
+                device=str(device), precision=precision)
 
 
 def _default_alg(loaded: LoadedModel) -> str:
     return f"{loaded.config.model.name}-{loaded.stage}"
 
 
-def _decode(loaded: LoadedModel, features: str | Path, image_ids: list[int], opts: DecodeSettings, *,
-            source: str) -> dict[int, CaptionResult]:
+def _decode(run: _Run, features: str | Path, image_ids: list[int], *, source: str) -> dict[int, CaptionResult]:
     store = FeatureStore(features)
     try:
         check_features(store, image_ids, source=source)
-        return decode_images(loaded.model, store, image_ids, loaded.vocab, beam_size=opts.beam_size,
-                             max_length=opts.max_length, batch_size=opts.batch_size, device=opts.device,
-                             length_penalty=opts.length_penalty, block_trigrams=opts.block_trigrams,
-                             precision=opts.precision, max_boxes=loaded.config.data.max_boxes, progress=True)
+        return decode_images(run.loaded.model, store, image_ids, run.loaded.vocab, options=run.options,
+                             batch_size=run.batch_size, device=run.device, precision=run.precision,
+                             max_boxes=run.loaded.config.data.max_boxes, progress=True)
     finally:
         store.close()
 
@@ -260,9 +264,8 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def _settings_json(opts: DecodeSettings) -> dict[str, Any]:
-    return {"max_length": opts.max_length, "length_penalty": opts.length_penalty,
-            "block_trigrams": opts.block_trigrams, "precision": opts.precision}
+def _settings_json(run: _Run) -> dict[str, Any]:
+    return {**run.options.to_json(), "precision": run.precision}
 
 
 def _write_metrics(out: Path, evaluation: Evaluation, *, checkpoint: str | None, beam_size: int | None,

@@ -18,11 +18,12 @@ from tqdm import tqdm
 from butd.core.devices import autocast_context, resolve_device
 from butd.data.dataset import Example, collate
 from butd.data.store import FeatureStore
-from butd.decoding import CaptionResult, beam_search, greedy_decode, to_results
+from butd.decoding import CaptionResult, DecodeOptions, decode, to_results
 from butd.decoding.result import Decoder
 from butd.errors import ConfigError, DataError
 
 _MAX_LISTED = 10
+GREEDY = DecodeOptions(beam_size=1)  # what validation during training decodes with
 
 
 def unique_ids(image_ids: Iterable[int]) -> list[int]:
@@ -64,20 +65,16 @@ def decode_images(
     image_ids: Iterable[int],
     vocab: Decoder,
     *,
-    beam_size: int = 1,
-    max_length: int = 16,
+    options: DecodeOptions = GREEDY,
     batch_size: int = 100,
     device: str | torch.device = "cpu",
-    length_penalty: float = 0.0,
-    block_trigrams: bool = False,
     precision: str = "fp32",
     max_boxes: int = 0,
     progress: bool = False,
 ) -> dict[int, CaptionResult]:
     """Caption every image of ``image_ids`` (duplicates decoded once) from its stored region features.
 
-    ``beam_size == 1`` decodes greedily, larger beams run ``beam_search`` (``length_penalty`` and
-    ``block_trigrams`` apply to beam search only). ``device`` is where the batches go and must be the model's
+    ``options`` says how (greedy for beam 1, beam search otherwise; see ``DecodeOptions``). ``device`` is where the batches go and must be the model's
     device (``"auto"``: the model's device). ``precision``: ``fp32``, or ``bf16`` / ``auto`` for bf16 autocast on
     CUDA. ``max_boxes`` keeps the first regions of each image, as training does with ``data.max_boxes``.
     ``progress`` shows a progress bar on stderr.
@@ -86,9 +83,8 @@ def decode_images(
     Returns ``{image_id: CaptionResult}`` in the order of ``image_ids``. Raises DataError listing the images
     the store has no features for before decoding anything.
     """
-    if beam_size < 1 or max_length < 1 or batch_size < 1:
-        raise ConfigError(f"beam_size ({beam_size}), max_length ({max_length}) and batch_size ({batch_size}) "
-                          f"must all be >= 1")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     ids = unique_ids(image_ids)
     check_features(store, ids)
     target = _batch_device(model, device)
@@ -104,11 +100,7 @@ def decode_images(
                 batch = collate([_example(store, i, max_boxes) for i in chunk]).to(target)
                 with autocast:
                     regions = model.encode(batch.features, batch.region_mask, batch.boxes, batch.image_size)
-                    if beam_size > 1:
-                        output = beam_search(model, regions, beam_size=beam_size, max_length=max_length,
-                                             length_penalty=length_penalty, block_trigrams=block_trigrams)
-                    else:
-                        output = greedy_decode(model, regions, max_length=max_length)
+                    output = decode(model, regions, options)
                 for result in to_results(output, vocab, image_ids=chunk, boxes=batch.boxes,
                                          region_mask=batch.region_mask):
                     results[result.image_id] = result

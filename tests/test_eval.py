@@ -15,7 +15,7 @@ import torch
 
 from butd.config import config_to_dict
 from butd import evaluate
-from butd.evaluate import DecodeSettings, evaluate_checkpoint, format_leaderboard, read_image_info
+from butd.evaluate import EvalSettings, evaluate_checkpoint, format_leaderboard, read_image_info
 from butd.errors import DataError
 from butd.metrics import METRIC_NAMES, score_captions
 from butd.models import build_model
@@ -215,7 +215,7 @@ def test_split_evaluation_writes_metrics_captions_and_result_file(tiny, tmp_path
 def test_evaluate_checkpoint_returns_the_metrics_by_name(tiny, no_java):
     data_dir, features, checkpoint, splits = tiny
     metrics = evaluate_checkpoint(checkpoint, data_dir=data_dir, features=features, split="val",
-                                  settings=DecodeSettings(beam_size=1))
+                                  settings=EvalSettings(overrides=("eval.beam_size=1",)))
     assert list(metrics) == list(METRIC_NAMES)
     assert metrics["CIDEr-D"] is not None and metrics["SPICE"] is None
     assert sorted(no_java[0]["results"]) == sorted(splits["val"])

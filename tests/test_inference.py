@@ -7,7 +7,7 @@ import torch
 
 from butd.data.captions import Vocabulary
 from butd.data.store import FeatureRecord, FeatureStore, FeatureWriter
-from butd.decoding import greedy_decode
+from butd.decoding import DecodeOptions, greedy_decode
 from butd.errors import DataError
 from butd.inference import decode_images
 from butd.models import UpDownCaptioner
@@ -54,8 +54,8 @@ def model() -> UpDownCaptioner:
 
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_batch_composition_does_not_change_results(store, vocab, model, beam_size):
-    one = decode_images(model, store, IMAGE_IDS, vocab, beam_size=beam_size, max_length=7, batch_size=1)
-    seven = decode_images(model, store, IMAGE_IDS, vocab, beam_size=beam_size, max_length=7, batch_size=7)
+    one = decode_images(model, store, IMAGE_IDS, vocab, options=DecodeOptions(beam_size=beam_size, max_length=7), batch_size=1)
+    seven = decode_images(model, store, IMAGE_IDS, vocab, options=DecodeOptions(beam_size=beam_size, max_length=7), batch_size=7)
     assert list(one) == list(seven) == IMAGE_IDS
     assert len({r.caption for r in one.values()}) > 1, "images should get different captions"
     for image_id in IMAGE_IDS:
@@ -69,7 +69,7 @@ def test_batch_composition_does_not_change_results(store, vocab, model, beam_siz
 
 
 def test_greedy_matches_the_decoder_on_one_unpadded_image(store, vocab, model):
-    results = decode_images(model, store, IMAGE_IDS[:5], vocab, beam_size=1, max_length=7, batch_size=5)
+    results = decode_images(model, store, IMAGE_IDS[:5], vocab, options=DecodeOptions(beam_size=1, max_length=7), batch_size=5)
     record = store[IMAGE_IDS[3]]
     model.eval()
     with torch.no_grad():
@@ -82,8 +82,8 @@ def test_greedy_matches_the_decoder_on_one_unpadded_image(store, vocab, model):
 
 
 def test_beam_search_reports_every_beam_best_first(store, vocab, model):
-    results = decode_images(model, store, IMAGE_IDS, vocab, beam_size=3, max_length=7, batch_size=4)
-    greedy = decode_images(model, store, IMAGE_IDS, vocab, beam_size=1, max_length=7, batch_size=4)
+    results = decode_images(model, store, IMAGE_IDS, vocab, options=DecodeOptions(beam_size=3, max_length=7), batch_size=4)
+    greedy = decode_images(model, store, IMAGE_IDS, vocab, options=DecodeOptions(beam_size=1, max_length=7), batch_size=4)
     for image_id, result in results.items():
         assert len(result.alternatives) == 3
         assert result.alternatives[0] == (result.caption, pytest.approx(result.logprob))
@@ -95,8 +95,8 @@ def test_beam_search_reports_every_beam_best_first(store, vocab, model):
 
 def test_runs_in_eval_mode_and_restores_training_mode(store, vocab, model):
     model.train()
-    first = decode_images(model, store, IMAGE_IDS, vocab, beam_size=1, max_length=7)
-    second = decode_images(model, store, IMAGE_IDS, vocab, beam_size=1, max_length=7)
+    first = decode_images(model, store, IMAGE_IDS, vocab, options=DecodeOptions(beam_size=1, max_length=7))
+    second = decode_images(model, store, IMAGE_IDS, vocab, options=DecodeOptions(beam_size=1, max_length=7))
     assert model.training, "the caller's training mode must be restored"
     assert {i: r.caption for i, r in first.items()} == {i: r.caption for i, r in second.items()}
     model.eval()
@@ -104,7 +104,7 @@ def test_runs_in_eval_mode_and_restores_training_mode(store, vocab, model):
 
 def test_duplicates_are_decoded_once_and_max_boxes_cuts_regions(store, vocab, model):
     ids = [IMAGE_IDS[2], IMAGE_IDS[0], IMAGE_IDS[2]]
-    results = decode_images(model, store, ids, vocab, beam_size=1, max_length=7, max_boxes=3)
+    results = decode_images(model, store, ids, vocab, options=DecodeOptions(beam_size=1, max_length=7), max_boxes=3)
     assert list(results) == [IMAGE_IDS[2], IMAGE_IDS[0]]
     for image_id, result in results.items():
         assert result.boxes.shape[0] == min(3, store[image_id].num_boxes)
@@ -125,9 +125,9 @@ def test_missing_features_are_listed_before_decoding(store, vocab, model):
 def test_bf16_on_cuda_decodes_every_image(store, vocab, model):
     net = model.to("cuda")
     try:
-        results = decode_images(net, store, IMAGE_IDS, vocab, beam_size=3, max_length=7, device="cuda",
+        results = decode_images(net, store, IMAGE_IDS, vocab, options=DecodeOptions(beam_size=3, max_length=7), device="cuda",
                                 precision="bf16")
-        fp32 = decode_images(net, store, IMAGE_IDS, vocab, beam_size=3, max_length=7, device="auto")
+        fp32 = decode_images(net, store, IMAGE_IDS, vocab, options=DecodeOptions(beam_size=3, max_length=7), device="auto")
     finally:
         model.to("cpu")
     assert list(results) == IMAGE_IDS

@@ -179,7 +179,7 @@ def split_cider(run: Path, options: TrainOptions) -> float:
     data = CaptionData.load(options.data_dir)
     loaded = load_model(run / "best.pt")
     ids = [int(i) for i in data.split_ids("test")]
-    results = decode_images(loaded.model, FeatureStore(options.features), ids, data.vocab, beam_size=1,
+    results = decode_images(loaded.model, FeatureStore(options.features), ids, data.vocab,
                             max_boxes=loaded.config.data.max_boxes)
     gts = {i: [" ".join(tokenize(r)) for r in data.references(i)] for i in ids}
     return CiderD().compute_score(gts, {i: [results[i].caption] for i in ids})[0]

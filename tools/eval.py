@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from butd.errors import ButdError
-from butd.evaluate import (DecodeSettings, Evaluation, caption_image_info, evaluate_results_file, evaluate_split,
+from butd.evaluate import (EvalSettings, Evaluation, caption_image_info, evaluate_results_file, evaluate_split,
                            format_leaderboard)
 from butd.core.devices import PRECISIONS
 
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--length-penalty", type=float, help="rank beams by logprob / length**A (default: 0)")
     model.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=None,
                        help="forbid a beam from repeating a trigram (default: eval.block_trigrams)")
+    model.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                       help="any other decoding key of the config's eval section (repeatable)")
     model.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     model.add_argument("--precision", default="fp32", choices=PRECISIONS,
                        help="fp32 (default, reference numbers) or bf16 autocast on CUDA (auto: bf16 on CUDA)")
@@ -82,6 +84,21 @@ def check_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str
     return "split"
 
 
+def eval_overrides(args: argparse.Namespace) -> tuple[str, ...]:
+    """The decoding flags given on the command line as ``eval.KEY=VALUE`` overrides of the checkpoint's config."""
+    flags = {"beam_size": args.beam_size, "max_length": args.max_length, "batch_size": args.batch_size,
+             "length_penalty": args.length_penalty, "block_trigrams": args.block_trigrams}
+    return tuple(f"eval.{key}={str(value).lower() if isinstance(value, bool) else value}"
+                 for key, value in flags.items() if value is not None) + tuple(args.set)
+
+
+def check_set(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--set`` changes decoding only: a key outside the eval section is a usage error."""
+    for item in args.set:
+        if not item.startswith("eval."):
+            parser.error(f"--set {item!r}: only eval.KEY=VALUE keys change decoding here")
+
+
 def report(evaluation: Evaluation) -> None:
     """Print the scores table (if scored), the notes and the files written."""
     if evaluation.metrics:
@@ -97,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     mode = check_mode(parser, args)
-    settings = DecodeSettings(beam_size=args.beam_size, max_length=args.max_length, batch_size=args.batch_size,
-                              length_penalty=args.length_penalty, block_trigrams=args.block_trigrams,
-                              device=args.device, precision=args.precision)
+    check_set(parser, args)
+    settings = EvalSettings(overrides=eval_overrides(args), device=args.device, precision=args.precision)
     try:
         if mode == "results":
             evaluation = evaluate_results_file(args.results, references=args.references, output_dir=args.output,

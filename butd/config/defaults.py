@@ -7,6 +7,14 @@ stage adds) and ``eval`` (decoding for validation and evaluation).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+# The words a key may take; butd.config.load checks every value against its key's Literal.
+AttentionKind = Literal["additive", "dot"]
+FeatureCache = Literal["none", "memory", "gpu"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+PrecisionName = Literal["auto", "fp32", "bf16"]
+BaselineKind = Literal["mean", "greedy"]
 
 
 @dataclass
@@ -20,14 +28,14 @@ class ModelConfig:
     dropout: float = 0.5  # dropout on embeddings and the language LSTM output
     box_geometry: bool = False  # append normalised x1,y1,x2,y2,area to each region feature
     init_state_from_image: bool = False  # showtell: image initialises h0/c0 instead of being the first input
-    attention: str = "additive"  # showattendtell: additive | dot (scaled dot-product)
+    attention: AttentionKind = "additive"  # showattendtell: additive | dot (scaled dot-product)
     doubly_stochastic_weight: float = 1.0  # showattendtell: lambda of sum_i (1 - sum_t alpha_ti)^2 in the XE loss
 
 
 @dataclass
 class DataConfig:
     num_workers: int = 2  # DataLoader worker processes (0 reads in the main process)
-    cache: str = "none"  # none | memory | gpu: keep every region feature of a split resident
+    cache: FeatureCache = "none"  # none | memory | gpu: keep every region feature of a split resident
     max_boxes: int = 0  # keep at most this many regions per image (0: all)
 
 
@@ -50,8 +58,8 @@ class TrainConfig:
     scheduled_sampling_increase_prob: float = 0.05  # increase per step
     scheduled_sampling_max_prob: float = 0.25  # ceiling of the sampling probability
     seed: int = 42  # seeds model init, data order and sampling
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    device: DeviceName = "auto"  # auto | cpu | cuda
+    precision: PrecisionName = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     max_bad_steps: int = 20  # abort after this many non-finite losses in a row
     val_every_epochs: int = 1  # validate every this many epochs
     val_max_images: int = 0  # validate on at most this many val images (0: all)
@@ -63,7 +71,7 @@ class TrainConfig:
 @dataclass
 class ScstConfig:
     num_samples: int = 5  # sampled captions per image
-    baseline: str = "mean"  # mean (Luo 2020: mean reward of the other samples) | greedy (Rennie et al. 2017)
+    baseline: BaselineKind = "mean"  # mean (Luo 2020: mean reward of the other samples) | greedy (Rennie et al. 2017)
     max_length: int = 16  # maximum sampled caption length
     temperature: float = 1.0  # sampling temperature
     bleu_weight: float = 0.0  # reward = CIDEr-D + bleu_weight * BLEU-4
@@ -74,6 +82,7 @@ class ScstConfig:
 class EvalConfig:
     beam_size: int = 3  # beam width for evaluation (1: greedy)
     max_length: int = 16  # maximum decoded caption length
+    min_length: int = 1  # no <eos> before this many words (1: never an empty caption)
     length_penalty: float = 0.0  # beam score / length**length_penalty (0: off)
     block_trigrams: bool = False  # forbid a beam from repeating a trigram
     batch_size: int = 100  # images per decoding batch

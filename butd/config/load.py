@@ -7,6 +7,7 @@ values of the wrong type and values outside a key's choices are errors that name
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,21 @@ from butd.config.defaults import Config
 from butd.core.files import write_atomic
 from butd.errors import ConfigError
 
-# Keys whose value must be one of a few words.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.cache": ("none", "memory", "gpu"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "scst.baseline": ("mean", "greedy"),
-    "model.attention": ("additive", "dot"),
-}
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """``{"section.key": allowed words}`` for every key typed as a ``Literal`` in defaults.py."""
+    choices = {}
+    for section in dataclasses.fields(Config):
+        hints = typing.get_type_hints(section.default_factory)  # type: ignore[arg-type]
+        for name, hint in hints.items():
+            if typing.get_origin(hint) is typing.Literal:
+                choices[f"{section.name}.{name}"] = typing.get_args(hint)
+    return choices
+
+
+# Keys whose value must be one of a few words (from their Literal types).
+CHOICES: dict[str, tuple[str, ...]] = _choices()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -31,12 +39,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict[str, Any] = {}
     if path is not None:
         tree = _read_yaml_tree(Path(path), chain=())
+    _merge_overrides(tree, overrides)
+    return config_from_dict(tree, source=str(path) if path else "overrides")
+
+
+def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...], *, source: str = "overrides") -> Config:
+    """A new ``Config``: ``config`` with ``section.key=value`` overrides applied and checked (``config`` unchanged)."""
+    tree = config_to_dict(config)
+    _merge_overrides(tree, overrides)
+    return config_from_dict(tree, source=source)
+
+
+def _merge_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
     for item in overrides:
         key, value = _parse_override(item)
         section, _, name = key.partition(".")
-        tree.setdefault(section, {})[name] = value
         _check_known(section, name, source=f"override {item!r}")
-    return config_from_dict(tree, source=str(path) if path else "overrides")
+        tree.setdefault(section, {})[name] = value
 
 
 def config_from_dict(tree: dict[str, Any], *, source: str = "config") -> Config:

@@ -5,6 +5,7 @@ from butd.decoding.beam import beam_search
 from butd.core.tokens import BOS, EOS, PAD
 from butd.decoding.common import next_token_logprobs
 from butd.decoding.greedy import greedy_decode
+from butd.decoding.options import DecodeOptions, decode
 from butd.decoding.result import CaptionResult, DecodeOutput, SampleOutput, to_results
 from butd.decoding.sample import sample
 
@@ -13,9 +14,11 @@ __all__ = [
     "EOS",
     "PAD",
     "CaptionResult",
+    "DecodeOptions",
     "DecodeOutput",
     "SampleOutput",
     "beam_search",
+    "decode",
     "greedy_decode",
     "next_token_logprobs",
     "sample",

@@ -15,6 +15,7 @@ from torch import nn
 from butd.config import EvalConfig
 from butd.data.captions import CaptionData, tokenize
 from butd.data.store import FeatureStore
+from butd.decoding import DecodeOptions
 from butd.inference import decode_images
 from butd.metrics import CiderD
 
@@ -26,8 +27,9 @@ def validate(model: nn.Module, store: FeatureStore, data: CaptionData, image_ids
     was_training = model.training
     model.eval()
     try:
-        results = decode_images(model, store, [int(i) for i in image_ids], data.vocab, beam_size=1,
-                                max_length=eval_cfg.max_length, batch_size=eval_cfg.batch_size, device=device,
+        options = DecodeOptions.from_config(eval_cfg).with_overrides(beam_size=1)
+        results = decode_images(model, store, [int(i) for i in image_ids], data.vocab, options=options,
+                                batch_size=eval_cfg.batch_size, device=device,
                                 precision="bf16" if bf16 else "fp32", max_boxes=max_boxes)
     finally:
         model.train(was_training)
