@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from butd.data.convert import convert_features, read_features, read_npz, read_tsv
+from butd.data.prep.convert import convert_features, read_features, read_npz, read_tsv
 from butd.data.store import FeatureRecord, FeatureStore
 from butd.errors import DataError
 

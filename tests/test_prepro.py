@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from butd.data import coco_source, package_data
+from butd.data import package_data
+from butd.data.prep import coco_source
 from butd.data.captions import CaptionData, Vocabulary, tokenize
-from butd.data.coco_source import load_coco_captions, read_karpathy_split
-from butd.data.prepro import images_from_coco, prepro_coco, prepro_karpathy
+from butd.data.prep.coco_source import load_coco_captions, read_karpathy_split
+from butd.data.prep.prepro import images_from_coco, prepro_coco, prepro_karpathy
 from butd.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from butd.data.captions import CaptionData, tokenize
-from butd.data.coco_source import CocoCaptions, load_coco_captions, read_karpathy_split
+from butd.data.prep.coco_source import CocoCaptions, load_coco_captions, read_karpathy_split
 from butd.data.package_data import object_names
-from butd.data.proxy import ProxyConfig, make_proxy_dataset, parse_boxes, select_images
-from butd.data.proxy_concepts import ConceptLexicon
-from butd.data.proxy_features import FEATURE_DIM, FeatureSynthesizer, image_rng, layout_regions
+from butd.data.proxy.generator import ProxyConfig, make_proxy_dataset, parse_boxes, select_images
+from butd.data.proxy.concepts import ConceptLexicon
+from butd.data.proxy.features import FEATURE_DIM, FeatureSynthesizer, image_rng, layout_regions
 from butd.data.store import FeatureStore
 from butd.errors import ConfigError, DataError
 

@@ -152,9 +152,9 @@ PROXY_IMAGES = 1000  # 800 train, 100 val, 100 test
 @pytest.fixture(scope="module")
 def proxy_xe(single_thread, tmp_path_factory):
     """A small COCO-proxy (real COCO captions, synthetic features) and an XE run on it, fixed seeds."""
-    from butd.data.coco_source import load_coco_captions, read_karpathy_split
-    from butd.data.prepro import prepro_karpathy
-    from butd.data.proxy import ProxyConfig, make_proxy_dataset
+    from butd.data.prep.coco_source import load_coco_captions, read_karpathy_split
+    from butd.data.prep.prepro import prepro_karpathy
+    from butd.data.proxy.generator import ProxyConfig, make_proxy_dataset
 
     root = tmp_path_factory.mktemp("proxy")
     make_proxy_dataset(load_coco_captions(None), read_karpathy_split(None), root / "proxy",

@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from butd.data.convert import convert_features
+from butd.data.prep.convert import convert_features
 from butd.errors import ButdError
 
 

@@ -17,8 +17,8 @@ import sys
 import torch
 from tqdm import tqdm
 
-from butd.data.coco_source import load_coco_captions, read_karpathy_split
-from butd.data.proxy import ProxyConfig, make_proxy_dataset, parse_boxes
+from butd.data.prep.coco_source import load_coco_captions, read_karpathy_split
+from butd.data.proxy.generator import ProxyConfig, make_proxy_dataset, parse_boxes
 from butd.errors import ButdError, ConfigError
 
 

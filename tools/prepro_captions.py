@@ -14,8 +14,8 @@ import argparse
 import sys
 import time
 
-from butd.data.coco_source import load_coco_captions, read_karpathy_split
-from butd.data.prepro import prepro_coco, prepro_karpathy
+from butd.data.prep.coco_source import load_coco_captions, read_karpathy_split
+from butd.data.prep.prepro import prepro_coco, prepro_karpathy
 from butd.errors import ButdError
 
 

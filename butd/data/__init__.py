@@ -1,4 +1,9 @@
-"""Data: the LMDB region-feature store, caption preprocessing (DATA_DIR), batches and the COCO-proxy generator."""
+"""Data at run time: the LMDB region-feature store (``store``, ``layout``), the DATA_DIR captions (``captions``),
+datasets and loaders (``dataset``, ``caption_choice``) and the packaged Visual Genome names (``package_data``).
+
+Two subpackages stand beside them: ``butd.data.prep`` (offline preparation: caption preprocessing, feature import)
+and ``butd.data.proxy`` (the COCO-proxy generator).
+"""
 from __future__ import annotations
 
 __all__ = ["FeatureRecord", "FeatureStore", "FeatureWriter"]

@@ -16,7 +16,7 @@ import numpy as np
 
 from butd.data.captions import (FORMAT_VERSION, SPLITS, TOKENIZATION_RULE, EncodedCaptions, Vocabulary, butd_version,
                                 tokenize, write_data_dir)
-from butd.data.coco_source import CocoCaptions, KarpathySplit
+from butd.data.prep.coco_source import CocoCaptions, KarpathySplit
 from butd.errors import DataError
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -148,7 +148,7 @@ def build_data_dir(images: Sequence[SourceImage], output: str | Path, *, min_cou
     unk = int((captions.labels == Vocabulary.UNK).sum())
     info = {
         "format_version": FORMAT_VERSION,
-        "created_by": f"butd {butd_version()} (butd.data.prepro)",
+        "created_by": f"butd {butd_version()} (butd.data.prep.prepro)",
         "sources": list(sources),
         "tokenization": tokenization,
         "min_count": min_count,

@@ -4,7 +4,7 @@ No image features are available offline, but the real COCO 2014 captions are. :f
 
 * ``dataset_coco.json``: the chosen images in Karpathy's format (train / restval / val / test), real captions;
 * ``features.lmdb``: a feature store whose regions show the objects and attributes the captions mention
-  (see :mod:`butd.data.proxy_features`), padded with distractor regions;
+  (see :mod:`butd.data.proxy.features`), padded with distractor regions;
 * ``info.json`` and ``README.txt``, which say that this is a proxy.
 
 The selection rule, documented in docs/formats.md ("COCO-proxy"): with ``num_images`` N below the total, take
@@ -23,9 +23,9 @@ import numpy as np
 
 from butd.core.files import write_atomic, write_json_atomic
 from butd.data.captions import butd_version, tokenize
-from butd.data.coco_source import CocoCaptions, KarpathySplit
-from butd.data.proxy_concepts import ConceptLexicon
-from butd.data.proxy_features import FEATURE_DIM, WORLD_SEED, FeatureSynthesizer, image_rng, layout_regions
+from butd.data.prep.coco_source import CocoCaptions, KarpathySplit
+from butd.data.proxy.concepts import ConceptLexicon
+from butd.data.proxy.features import FEATURE_DIM, WORLD_SEED, FeatureSynthesizer, image_rng, layout_regions
 from butd.data.store import FeatureRecord, FeatureStore, FeatureWriter, read_metadata
 from butd.errors import ConfigError, DataError
 
@@ -150,7 +150,7 @@ def make_proxy_dataset(coco: CocoCaptions, split: KarpathySplit, output: str | P
     _check_resume(out, config)
     selection = select_images(coco, split, config.num_images, config.seed)
     info = {"kind": "COCO-proxy", "label": LABEL, "parameters": config.identity(), "complete": False,
-            "created_by": f"butd {butd_version()} (butd.data.proxy)", "caption_sources": list(coco.sources),
+            "created_by": f"butd {butd_version()} (butd.data.proxy.generator)", "caption_sources": list(coco.sources),
             "karpathy_split_source": split.source, "images": {k: len(v) for k, v in selection.items()},
             "feature_dtype": "float16", "features": "features.lmdb", "dataset": "dataset_coco.json"}
     write_json_atomic(out / "info.json", info)

@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from butd.data.proxy_concepts import ImageConcepts
+from butd.data.proxy.concepts import ImageConcepts
 
 FEATURE_DIM = 2048
 WORLD_SEED = 20180612
