@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from butd.core.files import write_atomic
 from butd.evaluate import format_leaderboard
 
 TOOLS = Path(__file__).resolve().parent
@@ -46,9 +47,7 @@ def write_summary(path: Path, summary: dict) -> None:
     for title, value in (previous.get("step_seconds") or {}).items():
         if summary["step_seconds"].get(title) is None:  # keep the time measured when the step really ran
             summary["step_seconds"][title] = value
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(summary, indent=2) + "\n")
 
 
 def show_examples(eval_dirs: dict[str, Path], count: int) -> None:
