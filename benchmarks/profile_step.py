@@ -18,7 +18,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from butd.train.loop import train_step
+from butd.train.step import train_step
 from butd.train.rewards import CaptionReward
 from butd.train.scst import ScstObjective
 from butd.train.xe import XeObjective

@@ -7,7 +7,7 @@
 
 One step = encode, sample ``--num-samples`` captions per image (max length 16), CIDEr-D rewards on the device
 (``TensorCiderD`` over ``--reference-images`` synthetic images x 5 references, which also give the document
-frequencies), the baseline, the policy-gradient loss, backward and Adam: ``butd.train.loop.train_step`` on
+frequencies), the baseline, the policy-gradient loss, backward and Adam: ``butd.train.step.train_step`` on
 ``ScstObjective``. Prints one JSON line. Reference (self-critical.pytorch on one H100, 5 samples, mean baseline):
 141.5 ms/iteration at batch 10, 475.3 ms at batch 100; goal: a Karpathy-train epoch in <= 60 s.
 """

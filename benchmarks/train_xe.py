@@ -6,7 +6,7 @@
       --input-encoding-size 64 --feature-dim 256 --vocab-size 1000      # a quick CPU smoke run
 
 Defaults are the full model (rnn 1000, att 512, emb 1000, 36 x 2048 regions, vocab 9,487, 5 captions/image,
-captions with COCO's length distribution). The step is exactly the training loop's (``butd.train.loop.train_step``:
+captions with COCO's length distribution). The step is exactly the training loop's (``butd.train.step.train_step``:
 autocast forward, finite checks, backward, value clipping, Adam) with the packed XE path (``train.packed_xe``, the
 default); ``--compare-plain`` also times the plain padded loop in the same process. Prints one JSON line.
 Reference (self-critical.pytorch on one H100): 53.0 ms/iteration at batch 10, 85.8 ms at batch 100; goal: a
@@ -24,7 +24,7 @@ from butd.config import load_config
 from butd.data.dataset import Batch
 from butd.models import build_model
 from butd.train.distributed import DistContext
-from butd.train.loop import train_step
+from butd.train.step import train_step
 from butd.train.xe import XeObjective
 
 KARPATHY_TRAIN_IMAGES = 113_287

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
-    from butd.train.checkpoint import LoadedModel
+    from butd.models.loading import LoadedModel
 
 
 def build_model(config: Any, vocab_size: int):
@@ -31,7 +31,7 @@ def build_model(config: Any, vocab_size: int):
 
 def load(checkpoint: str, device: str = "cpu") -> "LoadedModel":
     """Load a checkpoint written by ``tools/train.py``: the model (eval mode, on ``device``), vocabulary and config."""
-    from butd.train.checkpoint import load_model
+    from butd.models.loading import load_model
 
     return load_model(checkpoint, device=device)
 

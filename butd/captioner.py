@@ -4,6 +4,10 @@
 images or RGB arrays and returns one ``ImageCaption`` per image: the caption, the beam alternatives, the detected
 regions (boxes with Visual Genome object/attribute names) and, for every word, the attention over those regions.
 Many images go through the detector and the decoder together.
+
+This module is where butd joins the detector package: it imports ``feature_extraction`` (the Visual Genome Faster
+R-CNN, a top-level package that builds on butd's store) to load detector weights, read images and parse box
+policies. The captioner itself is typed against the small ``butd.detector.RegionDetector`` interface.
 """
 from __future__ import annotations
 
@@ -16,10 +20,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from feature_extraction.detector import BottomUpDetector, BoxPolicy
+from feature_extraction.images import ImageError, check_resizable, load_image
+
+from butd.core.batch import Example, collate
 from butd.core.devices import resolve_device
 from butd.data.package_data import attribute_names, object_names
-from butd.decoding import DecodeOptions, decode, to_results
+from butd.decoding import CaptionResult, DecodeOptions, decode, to_results
+from butd.detector import DetectedRegions, RegionDetector
 from butd.errors import ConfigError
+from butd.models.loading import LoadedModel, load_model
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
@@ -104,13 +114,14 @@ class Captioner:
     def __init__(
         self,
         *,
-        detector: Any,
-        loaded: Any,
+        detector: RegionDetector,
+        loaded: LoadedModel,
         boxes: str = "10-100",
         batch_size: int = 8,
         detector_name: str = "weights",
     ) -> None:
-        """``detector``: a ``feature_extraction.BottomUpDetector``; ``loaded``: a ``butd.train.checkpoint.LoadedModel``.
+        """``detector``: a ``feature_extraction.BottomUpDetector`` or any ``butd.detector.RegionDetector``;
+        ``loaded``: a trained captioner (``butd.models.load_model``).
 
         ``boxes`` is the detector's box policy (``"36"`` fixed, ``"10-100"`` adaptive); ``batch_size`` bounds how
         many images go through the networks at once; ``detector_name`` is reported by ``info`` (``"random"`` for an
@@ -118,19 +129,16 @@ class Captioner:
         """
         if batch_size < 1:
             raise ConfigError(f"Captioner: batch_size must be >= 1, got {batch_size}")
-        from feature_extraction.detector import BoxPolicy
-
-        detector_dim = getattr(getattr(detector, "config", None), "feature_dim", None)
-        if detector_dim is not None and int(detector_dim) != int(loaded.config.model.feature_dim):
+        if int(detector.config.feature_dim) != int(loaded.config.model.feature_dim):
             raise ConfigError(
-                f"the detector gives {detector_dim}-d region features but the checkpoint "
-                f"{getattr(loaded, 'path', '')} was trained on {loaded.config.model.feature_dim}-d ones"
+                f"the detector gives {detector.config.feature_dim}-d region features but the checkpoint "
+                f"{loaded.path} was trained on {loaded.config.model.feature_dim}-d ones"
             )
         self.detector = detector
         self.model = loaded.model.eval()
         self.vocab = loaded.vocab
         self.config = loaded.config
-        self.checkpoint = getattr(loaded, "path", None)
+        self.checkpoint = loaded.path
         self.device = next(self.model.parameters()).device
         self.boxes = boxes
         self.box_policy = BoxPolicy.parse(boxes) if isinstance(boxes, str) else boxes
@@ -155,10 +163,6 @@ class Captioner:
 
         ``small_detector`` builds the reduced detector variant (only meaningful with ``"random"``: for tests).
         """
-        from feature_extraction.detector import BottomUpDetector
-
-        from butd.train.checkpoint import load_model
-
         dev = resolve_device(device)
         detector = BottomUpDetector.from_weights(str(detector_weights), device=str(dev), small=small_detector)
         loaded = load_model(checkpoint, device=str(dev))
@@ -207,31 +211,22 @@ class Captioner:
     def check_image(self, width: int, height: int, name: str) -> None:
         """Raise ``ImageError`` naming the image if the detector cannot take a ``width`` x ``height`` picture
         (an extreme aspect ratio would leave too few pixels on the short side after the test-time resize)."""
-        from feature_extraction.images import check_resizable
-
-        config = getattr(self.detector, "config", None)
-        if config is not None:
-            check_resizable(height, width, scale=config.test_scale, max_size=config.test_max_size, source=name)
+        config = self.detector.config
+        check_resizable(height, width, scale=config.test_scale, max_size=config.test_max_size, source=name)
 
     @torch.inference_mode()
     def _caption_arrays(self, arrays: list[np.ndarray], names: list[str],
                         options: DecodeOptions) -> list[ImageCaption]:
         detections = self.detector.detect(arrays, boxes=self.box_policy)
-        batch = _pad_detections(detections, self.device)
-        expected = int(self.config.model.feature_dim)
-        if batch["features"].shape[-1] != expected:
-            raise ConfigError(
-                f"the detector gives {batch['features'].shape[-1]}-d region features but the checkpoint "
-                f"{self.checkpoint} was trained on {expected}-d ones"
-            )
-        regions = self.model.encode(batch["features"], batch["mask"], batch["boxes"], batch["size"])
+        batch = collate([Example.from_record(d, image_id=i) for i, d in enumerate(detections)]).to(self.device)
+        regions = self.model.encode(batch.features, batch.region_mask, batch.boxes, batch.image_size)
         output = decode(self.model, regions, options)
         results = to_results(
-            output, self.vocab, image_ids=range(len(arrays)), boxes=batch["boxes"], region_mask=batch["mask"]
+            output, self.vocab, image_ids=range(len(arrays)), boxes=batch.boxes, region_mask=batch.region_mask
         )
         return [self._image_caption(r, d, n) for r, d, n in zip(results, detections, names)]
 
-    def _image_caption(self, result: Any, det: Any, name: str) -> ImageCaption:
+    def _image_caption(self, result: CaptionResult, det: DetectedRegions, name: str) -> ImageCaption:
         words = tuple(self.vocab.words[t] for t in result.tokens)
         regions = tuple(self._region(det, i) for i in range(len(det.boxes)))
         return ImageCaption(
@@ -248,7 +243,7 @@ class Captioner:
             or (Alternative(caption=result.caption, logprob=float(result.logprob)),),
         )
 
-    def _region(self, det: Any, i: int) -> Region:
+    def _region(self, det: DetectedRegions, i: int) -> Region:
         def pick(ids: np.ndarray | None, conf: np.ndarray | None, names: list[str]) -> tuple[str | None, float | None]:
             if ids is None:
                 return None, None
@@ -273,8 +268,6 @@ def _default_name(image: ImageInput, index: int) -> str:
 
 def _to_array(image: ImageInput, name: str) -> np.ndarray:
     """HxWx3 uint8 RGB; ``ImageError`` (a ``DataError``) naming the image when it cannot be decoded."""
-    from feature_extraction.images import ImageError, load_image
-
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ImageError(name, f"expected an HxWx3 uint8 RGB array, got {image.dtype} {tuple(image.shape)}")
@@ -283,26 +276,3 @@ def _to_array(image: ImageInput, name: str) -> np.ndarray:
         return load_image(image)
     except ImageError as err:
         raise ImageError(name, err.reason) from None  # the caller's name for the image, not "<123 bytes>"
-
-
-def _pad_detections(detections: Sequence[Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """Stack per-image detections into zero-padded tensors (features, boxes, region mask, image sizes)."""
-    count = max(1, max(len(d.boxes) for d in detections))
-    dim = int(detections[0].features.shape[-1])
-    features = torch.zeros(len(detections), count, dim)
-    boxes = torch.zeros(len(detections), count, 4)
-    mask = torch.zeros(len(detections), count, dtype=torch.bool)
-    size = torch.zeros(len(detections), 2)
-    for b, det in enumerate(detections):
-        n = len(det.boxes)
-        features[b, :n] = torch.as_tensor(np.asarray(det.features, dtype=np.float32))
-        boxes[b, :n] = torch.as_tensor(np.asarray(det.boxes, dtype=np.float32))
-        mask[b, :n] = True
-        size[b] = torch.tensor([float(det.image_w), float(det.image_h)])
-    return {
-        "features": features.to(device),
-        "boxes": boxes.to(device),
-        "mask": mask.to(device),
-        "size": size.to(device),
-    }
-

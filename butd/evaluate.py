@@ -24,7 +24,7 @@ from butd.decoding import CaptionResult, DecodeOptions
 from butd.errors import ConfigError, DataError
 from butd.inference import check_features, decode_images, unique_ids
 from butd.metrics import METRIC_NAMES, load_coco_references, load_results, score_captions, write_results
-from butd.train.checkpoint import LoadedModel, load_model
+from butd.models.loading import LoadedModel, load_model
 
 _MAX_LISTED = 10
 _SPLIT_NAME = re.compile(r"(train|val|test)(\d{4})")

@@ -1,7 +1,7 @@
 """Decoding a set of stored images: the loop shared by validation during training and ``tools/eval.py``.
 
 Images are read from the feature store in batches of ``batch_size``, padded exactly as training batches are
-(``butd.data.dataset.collate``: first ``max_boxes`` regions, zero padding, a region mask), encoded once and
+(``butd.core.batch.collate``: first ``max_boxes`` regions, zero padding, a region mask), encoded once and
 decoded with beam search (``beam_size > 1``) or greedy decoding (``beam_size == 1``). The region mask keeps
 padding out of the attention and of the mean feature, so an image gets the same caption whatever batch it
 lands in.
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from butd.core.devices import autocast_context, resolve_device
-from butd.data.dataset import Example, collate
+from butd.core.batch import Example, collate
 from butd.data.store import FeatureStore
 from butd.decoding import CaptionResult, DecodeOptions, decode, to_results
 from butd.decoding.result import Decoder
@@ -97,7 +96,7 @@ def decode_images(
         with torch.inference_mode():
             for start in range(0, len(ids), batch_size):
                 chunk = ids[start:start + batch_size]
-                batch = collate([_example(store, i, max_boxes) for i in chunk]).to(target)
+                batch = collate([Example.from_record(store[i], max_boxes=max_boxes) for i in chunk]).to(target)
                 with autocast:
                     regions = model.encode(batch.features, batch.region_mask, batch.boxes, batch.image_size)
                     output = decode(model, regions, options)
@@ -109,10 +108,3 @@ def decode_images(
         bar.close()
         model.train(was_training)
     return results
-
-
-def _example(store: FeatureStore, image_id: int, max_boxes: int) -> Example:
-    record = store[image_id]
-    keep = record.num_boxes if max_boxes <= 0 else min(max_boxes, record.num_boxes)
-    return Example(image_id=image_id, features=np.asarray(record.features[:keep]), boxes=record.boxes[:keep],
-                   image_w=record.image_w, image_h=record.image_h, labels=None)

@@ -14,7 +14,7 @@ import torch
 
 from butd.config import Config, config_to_dict
 from butd.models import UpDownCaptioner
-from butd.train.checkpoint import save_checkpoint
+from butd.core.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO_IMAGES = ROOT.parent / "shared" / "data" / "coco_images"

@@ -14,7 +14,7 @@ from PIL import Image
 from butd.captioner import Alternative, Captioner, ImageCaption, Region
 from butd.data.package_data import attribute_names, object_names
 from butd.errors import ConfigError, DataError
-from butd.train.checkpoint import load_model
+from butd.models import load_model
 from butd.visualize import attention_figure, save_attention_figure
 from captioner_fixtures import (
     MAX_LENGTH,

@@ -9,8 +9,9 @@ import torch
 
 import butd
 from butd.errors import DataError
-from butd.train.checkpoint import (capture_rng_state, load_checkpoint, load_model, restore_rng_state,
-                                   save_checkpoint)
+from butd.core.checkpoint import load_checkpoint, save_checkpoint
+from butd.models import load_model
+from butd.train.rng import capture_rng_state, restore_rng_state
 from butd.train.loop import TrainOptions, train
 from train_fixtures import make_tiny_dataset, single_thread, tiny_config  # noqa: F401 (fixture)
 

@@ -19,7 +19,7 @@ from butd.evaluate import EvalSettings, evaluate_checkpoint, format_leaderboard,
 from butd.errors import DataError
 from butd.metrics import METRIC_NAMES, score_captions
 from butd.models import build_model
-from butd.train.checkpoint import save_checkpoint
+from butd.core.checkpoint import save_checkpoint
 from train_fixtures import make_tiny_dataset, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

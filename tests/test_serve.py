@@ -21,7 +21,7 @@ from PIL import Image
 
 from butd.captioner import Captioner
 from butd.serve import MicroBatcher, create_app
-from butd.train.checkpoint import load_model
+from butd.models import load_model
 from captioner_fixtures import ROOT, coco_image_paths, fast_detector, synthetic_image, write_tiny_checkpoint
 
 

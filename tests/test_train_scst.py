@@ -16,7 +16,8 @@ from butd.data.store import FeatureStore
 from butd.decoding import greedy_decode
 from butd.inference import decode_images
 from butd.metrics import CiderD
-from butd.train.checkpoint import load_checkpoint, load_model
+from butd.core.checkpoint import load_checkpoint
+from butd.models import load_model
 from butd.train.loop import TrainOptions, train
 from butd.train.rewards import CaptionReward, bleu4, greedy_baseline, mean_baseline
 from butd.train.scst import ScstObjective, policy_gradient_loss

@@ -7,16 +7,20 @@
   tools/train.py --resume runs/xe --stage xe --data DATA_DIR --features FEATS.lmdb [train.max_epochs=40]
 
 Trailing ``section.key=value`` arguments override the config (``train.lr=1e-4``). ``--resume RUN_DIR`` continues
-from RUN_DIR/last.pt with RUN_DIR/config.yaml (plus any overrides). With ``--init`` the model section comes from the
+from RUN_DIR/last.pt with RUN_DIR/config.yaml (plus any overrides); an --output that already holds a run is refused
+(nothing there is overwritten). A run whose loss stays non-finite or explodes stops with one line and exit code 1,
+its checkpoints holding the last good model. With ``--init`` the model section comes from the
 checkpoint. Several GPUs: ``torchrun --nproc_per_node=N tools/train.py ...`` (``train.batch_size`` is per process).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from butd.config import load_config
+from butd.core.files import write_atomic
 from butd.errors import ButdError, ConfigError
 from butd.train.distributed import teardown_distributed
 from butd.train.loop import TrainOptions, train
@@ -60,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                                          output=args.output, resume=bool(args.resume), init=args.init))
     except ButdError as error:
         print(f"error: {error}", file=sys.stderr)
+        if error.__cause__ is not None and args.output is not None and args.output.is_dir():
+            # An unexpected failure inside a step: keep the details for a bug report, off the terminal.
+            details = "".join(traceback.format_exception(error.__cause__))
+            write_atomic(args.output / "train_error.log", details)
         return 1
     finally:
         teardown_distributed()

@@ -61,6 +61,7 @@ class TrainConfig:
     device: DeviceName = "auto"  # auto | cpu | cuda
     precision: PrecisionName = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     max_bad_steps: int = 20  # abort after this many non-finite losses in a row
+    divergence_factor: float = 100.0  # stop when |loss| exceeds this many times its running level (0: off)
     val_every_epochs: int = 1  # validate every this many epochs
     val_max_images: int = 0  # validate on at most this many val images (0: all)
     checkpoint_every_iters: int = 0  # also write last.pt every this many iterations (0: only per epoch)

@@ -17,45 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from butd.core.batch import Batch, Example, collate
 from butd.data.caption_choice import choose_caption_rows
 from butd.data.captions import CaptionData
 from butd.data.store import FeatureStore
 from butd.errors import DataError
 
 ItemKey = tuple[int, int]  # (dataset index, epoch): the epoch seeds the caption choice
-
-
-@dataclass
-class Batch:
-    """A padded batch of images (and, for training, ``seq_per_img`` label rows per image)."""
-
-    image_ids: torch.Tensor  # [B] int64
-    features: torch.Tensor  # [B, N, D] float32, zero padded
-    boxes: torch.Tensor  # [B, N, 4] float32 pixels, zero padded
-    image_size: torch.Tensor  # [B, 2] float32 (w, h)
-    region_mask: torch.Tensor  # [B, N] bool, True for real regions
-    labels: torch.Tensor | None  # [B, seq_per_img, max_length] int64 (None at test time)
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """The same batch with every tensor on ``device``."""
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Batch(image_ids=move(self.image_ids), features=move(self.features), boxes=move(self.boxes),
-                     image_size=move(self.image_size), region_mask=move(self.region_mask), labels=move(self.labels))
-
-    def __len__(self) -> int:
-        return int(self.image_ids.shape[0])
-
-
-@dataclass
-class Example:
-    """One image as read from the store: region arrays plus the label rows chosen for this epoch."""
-
-    image_id: int
-    features: np.ndarray  # [N, D]
-    boxes: np.ndarray  # [N, 4]
-    image_w: int
-    image_h: int
-    labels: np.ndarray | None  # [seq_per_img, max_length] int64
 
 
 class CaptionDataset(Dataset):
@@ -95,11 +63,8 @@ class CaptionDataset(Dataset):
     def __getitem__(self, key: int | ItemKey) -> Example:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         image_id = int(self.image_ids[index])
-        record = self.store[image_id]
-        keep = record.num_boxes if self.max_boxes <= 0 else min(self.max_boxes, record.num_boxes)
-        return Example(image_id=image_id, features=record.features[:keep], boxes=record.boxes[:keep],
-                       image_w=record.image_w, image_h=record.image_h,
-                       labels=self.labels_for(index, epoch) if self.with_labels else None)
+        return Example.from_record(self.store[image_id], max_boxes=self.max_boxes,
+                                   labels=self.labels_for(index, epoch) if self.with_labels else None)
 
     def use_cache(self, device: torch.device | str = "cpu") -> None:
         """Load every region feature of the split into resident tensors on ``device`` (``data.cache``)."""
@@ -115,27 +80,6 @@ def require_features(store: FeatureStore, data: CaptionData, splits: Sequence[st
         if missing:
             raise DataError(f"{len(missing)} of the {len(ids)} {split} images of {data.data_dir} have no features "
                             f"in {store.path}, e.g. {missing[:10]}; extract or convert features for them first")
-
-
-def collate(items: Sequence[Example]) -> Batch:
-    """Pad a list of examples to the largest region count among them."""
-    n = max(item.features.shape[0] for item in items)
-    dim = items[0].features.shape[1]
-    features = torch.zeros(len(items), n, dim, dtype=torch.float32)
-    boxes = torch.zeros(len(items), n, 4, dtype=torch.float32)
-    mask = torch.zeros(len(items), n, dtype=torch.bool)
-    for b, item in enumerate(items):
-        k = item.features.shape[0]
-        features[b, :k] = torch.from_numpy(np.asarray(item.features, dtype=np.float32))
-        boxes[b, :k] = torch.from_numpy(np.asarray(item.boxes, dtype=np.float32))
-        mask[b, :k] = True
-    labels = None
-    if items[0].labels is not None:
-        labels = torch.from_numpy(np.stack([item.labels for item in items])).long()
-    return Batch(image_ids=torch.tensor([item.image_id for item in items], dtype=torch.int64), features=features,
-                 boxes=boxes, image_size=torch.tensor([[item.image_w, item.image_h] for item in items],
-                                                      dtype=torch.float32),
-                 region_mask=mask, labels=labels)
 
 
 class EpochBatchSampler(Sampler[list[ItemKey]]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from butd.models.attention import MaskedAdditiveAttention, MaskedDotAttention, masked_attend
 from butd.models.layers import RegionEmbedding, StepCaptioner, WordEmbedding
+from butd.models.loading import LoadedModel, load_model
 from butd.models.regions import Regions, box_geometry, masked_mean
 from butd.models.registry import MODEL_REGISTRY, build_model, load_state_checked, model_name_of, register_model
 from butd.models.showattendtell import ShowAttendTellCaptioner, doubly_stochastic_penalty
@@ -12,6 +13,7 @@ from butd.models.showtell import ShowTellCaptioner
 from butd.models.updown import UpDownCaptioner
 
 __all__ = [
+    "LoadedModel",
     "MODEL_REGISTRY",
     "MaskedAdditiveAttention",
     "MaskedDotAttention",
@@ -25,6 +27,7 @@ __all__ = [
     "box_geometry",
     "build_model",
     "doubly_stochastic_penalty",
+    "load_model",
     "load_state_checked",
     "masked_attend",
     "masked_mean",

@@ -1,19 +1,16 @@
-"""Training: the loop shared by the cross-entropy and self-critical stages, checkpoints, rewards, DDP helpers.
+"""Training: the loop shared by the cross-entropy and self-critical stages, rewards, DDP helpers.
 
-``tools/train.py`` is the command line; ``train(cfg, TrainOptions(...))`` is the same thing from Python. Submodules
-are imported lazily so that ``butd.train.checkpoint`` (used to load trained models) stays light.
+``tools/train.py`` is the command line; ``train(cfg, TrainOptions(...))`` is the same thing from Python. Nothing
+outside this package imports it: trained models are loaded with ``butd.models.load_model`` (``butd.load``).
 """
 from __future__ import annotations
 
-__all__ = ["LoadedModel", "NonFiniteLossError", "TrainOptions", "TrainResult", "load_model", "train"]
+__all__ = ["NonFiniteLossError", "TrainOptions", "TrainResult", "train"]
 
 
 def __getattr__(name: str):
-    if name in ("LoadedModel", "load_model"):
-        from butd.train import checkpoint
-
-        return getattr(checkpoint, name)
-    if name in ("NonFiniteLossError", "TrainOptions", "TrainResult", "train"):
+    # Lazy: `import butd.train.rewards` (the benchmarks) should not load the whole loop.
+    if name in __all__:
         from butd.train import loop
 
         return getattr(loop, name)

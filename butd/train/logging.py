@@ -113,21 +113,28 @@ class RunLogger:
 
 
 class StepMeter:
-    """Averages of the step values over the current log window (plus images/s) and over the whole epoch."""
+    """Averages of the step values over the current log window (plus images/s) and over the whole epoch.
 
-    def __init__(self) -> None:
+    The epoch's part is kept as sums (``epoch_sums``: each value's sum plus the step count under ``STEPS``), which
+    a mid-epoch checkpoint saves, so that a resumed epoch's averages still cover every step of the epoch.
+    """
+
+    STEPS = "__steps__"
+
+    def __init__(self, epoch_sums: dict[str, float] | None = None) -> None:
         self.count = 0
         self.images = 0
         self.window: dict[str, list[float]] = {}
-        self.epoch: dict[str, list[float]] = {}
+        self.epoch_sums: dict[str, float] = dict(epoch_sums or {})
         self.started = time.perf_counter()
 
     def add(self, values: dict[str, float], images: int) -> None:
         self.count += 1
         self.images += images
+        self.epoch_sums[self.STEPS] = self.epoch_sums.get(self.STEPS, 0.0) + 1
         for name, value in values.items():
             self.window.setdefault(name, []).append(value)
-            self.epoch.setdefault(name, []).append(value)
+            self.epoch_sums[name] = self.epoch_sums.get(name, 0.0) + value
 
     def window_summary(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
@@ -137,4 +144,7 @@ class StepMeter:
         return out
 
     def epoch_summary(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}{name}": sum(v) / len(v) for name, v in self.epoch.items()}
+        steps = self.epoch_sums.get(self.STEPS, 0.0)
+        if not steps:
+            return {}
+        return {f"{prefix}{name}": total / steps for name, total in self.epoch_sums.items() if name != self.STEPS}
