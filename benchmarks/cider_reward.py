@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from pycocoevalcap.cider.cider import Cider
 
+from butd.core.tokens import EOS
 from butd.metrics import TensorCiderD, load_coco_references, load_results
 
 DEMO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_caption_demo"
 REFS_PER_IMAGE = 5
-EOS = 2
 
 
 def tokenize(caption: str) -> str:
