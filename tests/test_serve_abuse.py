@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import select
+import subprocess
+import sys
 import threading
 import time
 
@@ -20,7 +23,7 @@ from butd.serve import MicroBatcher, create_app
 from butd.serve.admission import PixelBudget
 from butd.serve.connections import ConnectionLimits
 from butd.train.checkpoint import load_model
-from captioner_fixtures import fast_detector, synthetic_image, write_tiny_checkpoint
+from captioner_fixtures import ROOT, fast_detector, synthetic_image, write_tiny_checkpoint
 from serve_fixtures import (
     GatedCaptioner,
     connect,
@@ -317,3 +320,25 @@ def test_keep_alive_still_serves_several_requests_on_one_connection(captioner):
         for _ in range(3):
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def test_abuse_benchmark_runs_against_tools_serve(tmp_path):
+    """benchmarks/serve_abuse.py, scaled down: tools/serve.py with every limit option set, all kinds of clients."""
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.pt")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, str(ROOT / "benchmarks" / "serve_abuse.py"), "--detector", "random",
+               "--small-detector", "--checkpoint", str(checkpoint), "--requests", "4", "--full-requests", "1",
+               "--slow", "2", "--abandoned", "1", "--drip-s", "0.2", "--max-megapixels", "1",
+               "--max-pending-megapixels", "2", "--max-decodes", "1", "--header-timeout", "1", "--body-timeout", "1",
+               "--max-connections", "50", "--max-rss-mb", "100000"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["uploads"]["status"].get("413") == 1  # 16 images of 1 megapixel never fit a 2-megapixel budget
+    assert set(report["uploads"]["status"]) <= {"200", "413", "503"}
+    assert report["slow_headers"]["status"] == {"408": 1} and report["slow_bodies"]["status"] == {"408": 1}
+    assert report["slow_headers"]["max_open_s"] < 30 and report["slow_bodies"]["max_open_s"] < 30
+    assert report["healthz_ms"]["errors"] == 0 and report["healthz_ms"]["polls"] >= 1
+    assert report["server_memory_budget"]["max_pending_pixels"] == 2_000_000
+    assert report["server_memory_budget"]["pending_pixels"] == 0
+    assert report["peak_rss_mb"] >= report["baseline_rss_mb"] > 0 and report["within_bound"] is True

@@ -20,6 +20,7 @@ import uvicorn
 from butd.captioner import Captioner
 from butd.errors import ButdError
 from butd.serve import create_app
+from butd.serve.admission import return_large_frees_to_the_os
 from butd.serve.connections import ConnectionLimits, server_config
 
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
               "meaningless (the page says so too)", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding to {args.host}: the service has no authentication", file=sys.stderr)
+    return_large_frees_to_the_os()  # decoded images are large: their memory must go back once they are captioned
     try:
         captioner = Captioner.from_files(
             args.detector, args.checkpoint, device=args.device, boxes=args.boxes,
