@@ -7,7 +7,7 @@ responsive while clients send maximum-size images all at once, send slowly, or h
 
 Starts ``tools/serve.py`` on a free loopback port, warms it up with one small image, then at once: ``--requests``
 concurrent uploads of maximum-size PNGs (``--max-megapixels`` each; the first ``--full-requests`` of them carry
-``--max-images`` such images, the 1.7 MB request that once took 2 GB), ``--slow`` clients that send their headers
+``--max-images`` such images, like the request of 16 36-megapixel PNGs that once took 2 GB), ``--slow`` clients that send their headers
 (half of them) or their body (the other half) a byte at a time, and ``--abandoned`` clients that upload a 640 x 480
 image (small enough to be admitted and queued) and hang up before the answer; meanwhile ``/healthz`` is polled.
 Prints one JSON line: the server's peak resident memory (VmHWM) and its memory before the attack, the status codes of
