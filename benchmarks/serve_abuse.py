@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from serve_load import free_port, wait_ready  # noqa: E402  (same folder: the server start-up and readiness poll)
+from serve_load import free_port, wait_ready  # same folder: the server start-up and readiness poll
 
 SERVER_LIMITS = ("max_megapixels", "max_pending_megapixels", "max_decodes", "max_images", "header_timeout",
                  "body_timeout", "max_connections", "max_upload_mb")
@@ -259,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tempfile.TemporaryFile(mode="w+")
+    with tempfile.TemporaryFile(mode="w+") as log:
+        return run(args, port, url, log)
+
+
+def run(args: argparse.Namespace, port: int, url: str, log) -> int:
+    """Start the server (its output to ``log``), attack it, stop it, print the report."""
     process = start_server(args, port, log)
     try:
         health = wait_ready(url, process, log, args.startup_timeout)
@@ -284,7 +289,6 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        log.close()
     if args.max_rss_mb is not None:
         report["max_rss_mb"] = args.max_rss_mb
         report["within_bound"] = report["peak_rss_mb"] <= args.max_rss_mb

@@ -15,6 +15,7 @@ import ctypes
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Self
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Grant:
             self._released = True
             self._budget._give_back(self.pixels)
 
-    def __enter__(self) -> Grant:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_exc: object) -> None:
