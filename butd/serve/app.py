@@ -184,6 +184,8 @@ def create_app(
                     async with budget.decode_slot():
                         arrays.append(await _decode(upload, name, max_pixels))
                 await form.close()  # the encoded uploads are not needed while the arrays wait
+                if await request.is_disconnected():  # gone while its images were decoded: do not queue them
+                    raise _client_gone(abandoned)
                 results = await _unless_disconnected(request, batcher.submit(arrays, names, beam), abandoned)
                 del arrays
         finally:
