@@ -188,6 +188,33 @@ def test_a_request_abandoned_while_queued_never_reaches_the_model(captioner):
     assert health["batching"]["images"] == 1 and health["memory"]["pending_pixels"] == 0
 
 
+def test_a_request_abandoned_while_decoding_is_never_queued(captioner, monkeypatch):
+    real = serve_app.load_image
+    decoding, finish = threading.Event(), threading.Event()
+
+    def held_load_image(data, **kwargs):
+        decoding.set()
+        finish.wait(timeout=30)
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(serve_app, "load_image", held_load_image)
+    gated = GatedCaptioner(captioner)
+    gated.gate.set()  # nothing is held in the model: only the decode is
+    app = create_app(gated)
+    with loopback_server(app) as url:
+        head, body = multipart_request([("gone.png", png_bytes(synthetic_image(100, 80, 4)))])
+        with connect(url) as sock:
+            sock.sendall(head + body)
+            assert decoding.wait(timeout=30), "the upload was never decoded"
+        finish.set()  # the client has hung up while its image was being decoded
+        wait_until(lambda: httpx.get(f"{url}/healthz", timeout=30).json()["batching"]["abandoned_requests"] == 1,
+                   "the server notices that the client hung up", timeout=15)
+        health = httpx.get(f"{url}/healthz", timeout=30).json()
+    assert gated.calls == []
+    assert health["batching"]["skipped"] == 0  # it was never queued, so there was nothing to skip
+    assert health["memory"]["pending_pixels"] == 0
+
+
 def test_batcher_skips_a_group_cancelled_while_an_earlier_group_runs():
     gate = threading.Event()
     calls: list[list[int]] = []
