@@ -3,19 +3,14 @@ loopback load test against a real uvicorn server."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
-import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -23,12 +18,7 @@ from butd.captioner import Captioner
 from butd.serve import MicroBatcher, create_app
 from butd.models import load_model
 from captioner_fixtures import ROOT, coco_image_paths, fast_detector, synthetic_image, write_tiny_checkpoint
-
-
-def png_bytes(image: np.ndarray | Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    (Image.fromarray(image) if isinstance(image, np.ndarray) else image).save(buffer, format="PNG")
-    return buffer.getvalue()
+from serve_fixtures import loopback_server, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +58,7 @@ def test_health_reports_model_device_and_random_detector(client):
     assert health["device"] == "cpu"
     assert health["detector"] == "random" and health["random_detector"] is True
     assert health["batching"]["max_batch"] == 4
+    assert health["memory"]["max_pending_pixels"] == 100_000_000 and health["memory"]["max_decodes"] == 2
 
 
 def test_caption_one_image(client, image, captioner):
@@ -179,7 +170,7 @@ def test_page_static_files_and_openapi(client):
     post = schema["paths"]["/v1/captions"]["post"]
     assert "multipart/form-data" in post["requestBody"]["content"]
     assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("CaptionsResponse")
-    assert {"413", "415", "422"} <= set(post["responses"])
+    assert {"408", "413", "415", "422", "503"} <= set(post["responses"])
     assert "/healthz" in schema["paths"]
 
 
@@ -235,27 +226,6 @@ def test_micro_batcher_groups_concurrent_requests():
     assert all(beam == 3 for images, beam, _ in calls if 0 in images)
     assert {thread for _, _, thread in calls} == {calls[0][2]}  # one inference thread
     assert calls[0][2].startswith("butd-inference")
-
-
-@contextmanager
-def loopback_server(app):
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a background thread; yields its URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_load_test_against_a_loopback_server(captioner):

@@ -1,10 +1,12 @@
 """Serve the captioner over HTTP: the JSON API (``POST /v1/captions``), ``GET /healthz`` and a page at ``/``.
 
     python tools/serve.py --detector WEIGHTS --checkpoint CKPT [--host 127.0.0.1] [--port 8000]
-                          [--max-batch 8] [--max-wait-ms 10]
+                          [--max-batch 8] [--max-wait-ms 10] [--max-pending-megapixels 100] [--max-decodes 2]
+                          [--header-timeout 10] [--body-timeout 60] [--max-connections 100]
 
 The model is loaded once; images of concurrent requests are micro-batched onto the device. The server listens on
 127.0.0.1 unless ``--host`` says otherwise (it has no authentication: put a proxy in front before exposing it).
+Its memory is bounded by a budget of decoded pixels and its connections by time limits: see docs/service.md.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import uvicorn
 from butd.captioner import Captioner
 from butd.errors import ButdError
 from butd.serve import create_app
+from butd.serve.admission import return_large_frees_to_the_os
+from butd.serve.connections import ConnectionLimits, server_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,10 +37,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body, in MB")
     parser.add_argument("--max-megapixels", type=float, default=40.0, help="largest image, in millions of pixels")
     parser.add_argument("--max-images", type=int, default=16, help="most images in one request")
+    parser.add_argument("--max-pending-megapixels", type=float, default=100.0,
+                        help="memory budget: decoded megapixels of all requests being decoded, queued or captioned "
+                             "(3 bytes each); requests beyond it get 503 with Retry-After")
+    parser.add_argument("--max-decodes", type=int, default=2, help="images decoded at once at most")
+    parser.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a client has to send a request's headers before the connection is closed")
+    parser.add_argument("--body-timeout", type=float, default=60.0,
+                        help="seconds a client has to send a request's body before it gets 408")
+    parser.add_argument("--keep-alive", type=int, default=5, help="seconds an idle connection stays open")
+    parser.add_argument("--max-connections", type=int, default=100,
+                        help="open connections at most; beyond, requests get 503")
     parser.add_argument("--small-detector", action="store_true",
                         help="the reduced random detector (tests and smoke runs only)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    positive = {"--max-batch": args.max_batch, "--max-upload-mb": args.max_upload_mb,
+                "--max-megapixels": args.max_megapixels, "--max-images": args.max_images,
+                "--max-pending-megapixels": args.max_pending_megapixels, "--max-decodes": args.max_decodes,
+                "--header-timeout": args.header_timeout, "--body-timeout": args.body_timeout,
+                "--keep-alive": args.keep_alive, "--max-connections": args.max_connections}
+    for option, value in positive.items():
+        if not value > 0:
+            parser.error(f"{option} must be > 0, got {value}")
+    if args.max_pending_megapixels < args.max_megapixels:
+        parser.error(f"--max-pending-megapixels ({args.max_pending_megapixels:g}) must be at least --max-megapixels "
+                     f"({args.max_megapixels:g}), or the largest accepted image could never be admitted")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
               "meaningless (the page says so too)", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding to {args.host}: the service has no authentication", file=sys.stderr)
+    return_large_frees_to_the_os()  # decoded images are large: their memory must go back once they are captioned
     try:
         captioner = Captioner.from_files(
             args.detector, args.checkpoint, device=args.device, boxes=args.boxes,
@@ -62,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_images=args.max_images,
+        max_pending_pixels=int(args.max_pending_megapixels * 1_000_000),
+        max_decodes=args.max_decodes,
+        body_timeout_s=args.body_timeout,
     )
-    # One process: the model lives once in memory and one inference thread owns it.
-    uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level=args.log_level)
+    limits = ConnectionLimits(header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive,
+                              max_connections=args.max_connections)
+    uvicorn.Server(server_config(app, host=args.host, port=args.port, limits=limits, log_level=args.log_level)).run()
     return 0
 
 

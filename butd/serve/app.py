@@ -1,16 +1,22 @@
 """The captioning web service: ``POST /v1/captions``, ``GET /healthz`` and the page at ``/``.
 
+This module is where butd's service joins the detector package (``feature_extraction``): uploads are decoded with
+``feature_extraction.images`` here, and the ``Captioner`` runs the detector on them.
+
 One ``Captioner`` is loaded once and used by one inference thread behind a ``MicroBatcher``. Uploads are checked
-before they reach the model: request size (413), content type (415), pixel count read from the image header before
-decoding (413), decodability (422) — every refusal is ``{"error": {"code", "message"}}`` naming the file.
+before they reach the model: request size (413) and read time (408), content type (415), pixel count read from the
+image header before decoding (413), the server's memory budget in decoded pixels (503 with ``Retry-After`` when it is
+full), decodability (422) — every refusal is ``{"error": {"code", "message"}}`` naming the file. Only admitted images
+are decoded, a few at a time; a request whose client hung up is dropped before it reaches the model.
 """
 from __future__ import annotations
 
-import io
+import asyncio
 import logging
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,20 +24,29 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
-from butd.serve.batcher import MicroBatcher, QueueFull
-from butd.serve.limits import ApiError, BodyLimitMiddleware, UploadTooLarge
+from butd.serve.admission import Grant, PixelBudget
+from butd.serve.batcher import MicroBatcher
+from butd.serve.limits import ApiError, BodyLimitMiddleware, BodyTimeout, UploadTooLarge
 from butd.serve.schemas import CaptionsResponse, ErrorResponse, HealthResponse
+from feature_extraction.images import ImageError, load_image
 
 log = logging.getLogger("butd.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_BEAM_SIZE = 10
 # application/octet-stream is what many clients send for a file of unknown type; decoding then decides.
 ACCEPTED_TYPES = ("image/", "application/octet-stream")
+# Seconds a client is asked to wait when the memory budget is full (a CPU batch takes seconds; a GPU one less).
+RETRY_AFTER_S = 2
+# Status of a request whose client hung up (nginx's convention; nobody reads the answer).
+CLIENT_CLOSED = 499
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (413, 415, 422, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (408, 413, 415, 422, 503)}
+Result = TypeVar("Result")
 _UPLOAD_SCHEMA = {
     "requestBody": {
         "required": True,
@@ -59,19 +74,25 @@ def create_app(
     max_batch: int = 8,
     max_wait_ms: float = 10.0,
     max_images: int = 16,
-    max_queue: int = 256,
+    max_pending_pixels: int = 100_000_000,
+    max_decodes: int = 2,
+    body_timeout_s: float | None = 60.0,
 ) -> FastAPI:
     """The FastAPI app serving ``captioner`` (a ``butd.Captioner``, or anything with its ``caption``/``info``).
 
-    ``max_upload_bytes`` bounds a whole request body, ``max_pixels`` each image (checked from its header, so
-    decompression bombs are refused before decoding), ``max_images`` the files of one request; ``max_batch`` and
-    ``max_wait_ms`` bound the micro-batches; ``max_queue`` images may wait before requests get 503.
+    ``max_upload_bytes`` bounds a whole request body and ``body_timeout_s`` the time to receive it; ``max_pixels``
+    bounds each image (checked from its header, so decompression bombs are refused before decoding), ``max_images``
+    the files of one request. ``max_pending_pixels`` is the memory budget: the decoded pixels of all requests being
+    decoded, queued or captioned (a request that does not fit gets 503 with Retry-After); ``max_decodes`` images are
+    decoded at once at most. ``max_batch`` and ``max_wait_ms`` bound the micro-batches.
     """
 
     def run_batch(images: list[Any], names: list[str], beam_size: int) -> list[dict[str, Any]]:
         return [r.to_json() for r in captioner.caption(images, beam_size=beam_size, names=names)]
 
-    batcher = MicroBatcher(run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
+    batcher = MicroBatcher(run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    budget = PixelBudget(max_pixels=max_pending_pixels, max_decodes=max_decodes)
+    abandoned = _Counter()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -88,15 +109,16 @@ def create_app(
         description="Bottom-Up and Top-Down attention image captioning with per-word attention over detected regions.",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_upload_bytes, timeout_s=body_timeout_s)
     _install_error_handlers(app)
     app.state.batcher = batcher
+    app.state.budget = budget
 
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz() -> dict[str, Any]:
         """Whether the model is loaded, on which device, and which detector (a random one makes captions meaningless)."""
         info = captioner.info()
-        stats = batcher.stats
+        stats, memory = batcher.stats, budget.stats
         return {
             "status": "ok",
             "model_loaded": True,
@@ -117,6 +139,18 @@ def create_app(
                 "batches": stats.batches,
                 "images": stats.images,
                 "largest_batch": stats.largest_batch,
+                "queued": batcher.queued,
+                "skipped": stats.skipped,
+                "abandoned_requests": abandoned.value,
+            },
+            "memory": {
+                "max_pending_pixels": budget.max_pixels,
+                "pending_pixels": memory.pending_pixels,
+                "peak_pending_pixels": memory.peak_pixels,
+                "max_decodes": budget.max_decodes,
+                "decoding": memory.decoding,
+                "admitted_requests": memory.admitted,
+                "refused_requests": memory.refused,
             },
         }
 
@@ -134,22 +168,28 @@ def create_app(
         if not content_type.lower().startswith("multipart/form-data"):
             raise ApiError(415, "unsupported_media_type",
                            f"send the images as multipart/form-data (field 'images'), not {content_type or 'no body'}")
-        try:
-            form = await request.form(max_files=max_images + 1, max_fields=16)
-        except UploadTooLarge as err:
-            raise ApiError(413, "upload_too_large", str(err)) from err
-        except StarletteHTTPException as err:  # malformed multipart body, too many parts
-            raise ApiError(422, "malformed_form", str(err.detail)) from err
+        form = await _read_form(request, max_images)
         try:
             beam = _beam_size(form.get("beam_size"), beam_size)
             uploads = _uploads(form, max_images)
-            arrays = [await _decode(upload, max_pixels, captioner) for upload in uploads]
+            names = [u.filename or "upload" for u in uploads]
+            sizes = [await run_in_threadpool(_measure, upload, name, max_pixels, captioner)
+                     for upload, name in zip(uploads, names)]
+            # The pixels stay granted until the captions are answered: the arrays wait in the batcher's queue.
+            with _admit(budget, names, sizes):
+                arrays = []
+                for upload, name in zip(uploads, names):
+                    if await request.is_disconnected():  # the client left while its upload was read: stop decoding
+                        raise _client_gone(abandoned)
+                    async with budget.decode_slot():
+                        arrays.append(await _decode(upload, name, max_pixels))
+                await form.close()  # the encoded uploads are not needed while the arrays wait
+                if await request.is_disconnected():  # gone while its images were decoded: do not queue them
+                    raise _client_gone(abandoned)
+                results = await _unless_disconnected(request, batcher.submit(arrays, names, beam), abandoned)
+                del arrays
         finally:
             await form.close()
-        try:
-            results = await batcher.submit(arrays, [u.filename or "upload" for u in uploads], beam)
-        except QueueFull as err:
-            raise ApiError(503, "busy", f"the server is busy: {err}; retry shortly") from err
         return {"beam_size": beam, "captions": results}
 
     @app.get("/", include_in_schema=False)
@@ -191,33 +231,109 @@ def _uploads(form: Any, max_images: int) -> list[UploadFile]:
     return values
 
 
-async def _decode(upload: UploadFile, max_pixels: int, captioner: Any) -> Any:
-    """Read the image header, refuse it if it has too many pixels, then decode to an RGB array off the event loop."""
-    from feature_extraction.images import ImageError, load_image
+class _Counter:
+    """A count kept by the event loop's tasks (no locking needed: they never run at the same time)."""
 
-    name = upload.filename or "upload"
-    data = await upload.read()
-    if not data:
+    value = 0
+
+    def add(self) -> None:
+        self.value += 1
+
+
+class _SmallSpoolParser(MultiPartParser):
+    """Starlette's multipart parser with uploads moved to disk past 64 KB instead of 1 MB: a request of 16 files in
+    flight then holds about 1 MB of memory, not 16 MB (the connection limit multiplies it)."""
+
+    spool_max_size = 64 * 1024
+
+
+async def _read_form(request: Request, max_images: int) -> FormData:
+    """The multipart form, its files spooled to disk; the body's size and time limits become 413 and 408."""
+    try:
+        async with aclosing(request.stream()) as stream:
+            return await _SmallSpoolParser(request.headers, stream, max_files=max_images + 1, max_fields=16).parse()
+    except UploadTooLarge as err:
+        raise ApiError(413, "upload_too_large", str(err)) from err
+    except BodyTimeout as err:
+        raise ApiError(408, "request_timeout", f"{err}; send it faster, or in several smaller requests") from err
+    except MultiPartException as err:  # malformed multipart body, too many parts
+        raise ApiError(422, "malformed_form", err.message) from err
+    except ClientDisconnect:
+        raise ApiError(CLIENT_CLOSED, "client_closed", "the client closed the connection during the upload") from None
+
+
+def _measure(upload: UploadFile, name: str, max_pixels: int, captioner: Any) -> tuple[int, int]:
+    """The image's width and height from its header alone (nothing is decoded); refuses what could never be used."""
+    if not upload.size:
         raise ApiError(422, "empty_file", f"{name}: the file is empty")
     try:
-        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+        upload.file.seek(0)
+        with Image.open(upload.file) as image:  # reads the header only (PIL leaves a file it did not open open)
             width, height = image.size
     except Image.DecompressionBombError as err:
         raise ApiError(413, "too_many_pixels", f"{name}: {err}") from err
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise ApiError(422, "undecodable_image", f"{name}: not an image this server can decode ({err})") from err
     if width * height > max_pixels:
         raise ApiError(413, "too_many_pixels",
                        f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
     try:
-        array = await run_in_threadpool(load_image, data, max_pixels=max_pixels)
-    except ImageError as err:
-        raise ApiError(422, "undecodable_image", f"{name}: {err.reason}") from err
-    try:
-        captioner.check_image(array.shape[1], array.shape[0], name)
+        captioner.check_image(width, height, name)  # symmetric in width and height, so EXIF rotation cannot matter
     except ImageError as err:
         raise ApiError(422, "unusable_image", str(err)) from err
-    return array
+    return width, height
+
+
+def _admit(budget: PixelBudget, names: list[str], sizes: list[tuple[int, int]]) -> Grant:
+    """Grant the request's decoded pixels from the memory budget, or refuse it: 413 if it can never fit, else 503."""
+    pixels = sum(width * height for width, height in sizes)
+    if pixels > budget.max_pixels:
+        what = names[0] if len(names) == 1 else f"the {len(names)} images of this request"
+        raise ApiError(413, "too_many_pixels",
+                       f"{what}: {pixels} pixels in all, more than the server decodes at once ({budget.max_pixels}); "
+                       "send fewer or smaller images per request")
+    grant = budget.try_admit(pixels)
+    if grant is None:
+        raise ApiError(503, "busy", f"the server is busy: {budget.stats.pending_pixels} of its {budget.max_pixels} "
+                                    f"pixels are being captioned; retry in {RETRY_AFTER_S} s",
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
+    return grant
+
+
+async def _decode(upload: UploadFile, name: str, max_pixels: int) -> Any:
+    """Decode an admitted upload to an RGB array off the event loop (its encoded bytes are read only now)."""
+    await upload.seek(0)
+    data = await upload.read()
+    try:
+        return await run_in_threadpool(load_image, data, max_pixels=max_pixels)
+    except ImageError as err:
+        raise ApiError(422, "undecodable_image", f"{name}: {err.reason}") from err
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Result], abandoned: _Counter) -> Result:
+    """Await ``work`` unless the client hangs up first: then cancel it (its images never reach the model)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done():  # cancelled just above: the client hung up first
+        raise _client_gone(abandoned)
+    return task.result()
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Return when the client hangs up. Called once the body is read: the server then only reports disconnection."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _client_gone(abandoned: _Counter) -> ApiError:
+    abandoned.add()
+    return ApiError(CLIENT_CLOSED, "client_closed", "the client closed the connection before its captions were ready")
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -229,7 +345,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, err: ApiError) -> JSONResponse:
-        return _error(err.status, err.code, err.message)
+        response = _error(err.status, err.code, err.message)
+        response.headers.update(err.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:

@@ -4,6 +4,10 @@ Every image becomes one queue item with its own future. A single worker task tak
 most ``max_wait_ms`` for more (never more than ``max_batch`` images), and runs the batch in one dedicated thread so the
 event loop keeps accepting requests meanwhile. Requests that arrive while a batch runs form the next batch, which is
 why throughput grows with concurrency.
+
+A request whose caller stopped waiting (its client hung up, so the app cancelled ``submit``) has its futures cancelled;
+the worker skips such images right before each call of the model, so abandoned work never reaches it. How much may
+wait is bounded by the app's memory budget (``butd.serve.admission``), in pixels, not here.
 """
 from __future__ import annotations
 
@@ -25,10 +29,6 @@ class _Item:
     future: asyncio.Future = field(repr=False)
 
 
-class QueueFull(Exception):
-    """More images are waiting than the batcher accepts; the caller should retry later (HTTP 503)."""
-
-
 @dataclass
 class BatchStats:
     """Counters for /healthz and the load test: how well requests were batched."""
@@ -36,6 +36,7 @@ class BatchStats:
     batches: int = 0
     images: int = 0
     largest_batch: int = 0
+    skipped: int = 0  # images dropped before the model because their caller stopped waiting
 
 
 class MicroBatcher(Generic[Result]):
@@ -51,17 +52,12 @@ class MicroBatcher(Generic[Result]):
         *,
         max_batch: int = 8,
         max_wait_ms: float = 10.0,
-        max_queue: int = 256,
     ) -> None:
-        if max_batch < 1 or max_wait_ms < 0 or max_queue < 1:
-            raise ValueError(
-                f"MicroBatcher: need max_batch >= 1, max_wait_ms >= 0, max_queue >= 1 "
-                f"(got {max_batch}, {max_wait_ms}, {max_queue})"
-            )
+        if max_batch < 1 or max_wait_ms < 0:
+            raise ValueError(f"MicroBatcher: need max_batch >= 1 and max_wait_ms >= 0 (got {max_batch}, {max_wait_ms})")
         self._run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
-        self.max_queue = max_queue
         self.stats = BatchStats()
         self._queue: asyncio.Queue[_Item] | None = None
         self._worker: asyncio.Task | None = None
@@ -92,42 +88,68 @@ class MicroBatcher(Generic[Result]):
             self._executor.shutdown(wait=True)
             self._executor = None
 
+    @property
+    def queued(self) -> int:
+        """Images waiting for a batch (cancelled ones included until the worker drops them)."""
+        return 0 if self._queue is None else self._queue.qsize()
+
     async def submit(self, images: Sequence[Any], names: Sequence[str], beam_size: int) -> list[Result]:
-        """Queue the images of one request and wait for their results (in order)."""
+        """Queue the images of one request and wait for their results (in order).
+
+        Cancelling the call (the app does when the client hangs up) cancels its images: the worker skips them.
+        """
         if self._queue is None or self._worker is None:
             raise RuntimeError("MicroBatcher.submit before start()")
-        if self._queue.qsize() + len(images) > self.max_queue:
-            raise QueueFull(f"{self._queue.qsize()} images are already waiting (limit {self.max_queue})")
         loop = asyncio.get_running_loop()
         items = [_Item(image, name, beam_size, loop.create_future()) for image, name in zip(images, names)]
         for item in items:
             self._queue.put_nowait(item)
-        return list(await asyncio.gather(*(item.future for item in items)))
+        try:
+            return list(await asyncio.gather(*(item.future for item in items)))
+        except asyncio.CancelledError:
+            for item in items:
+                item.future.cancel()
+                item.image = None  # the queue must not keep a cancelled request's decoded pixels alive
+            raise
 
     async def _collect(self) -> list[_Item]:
-        """The first waiting item plus whatever else arrives within ``max_wait``, up to ``max_batch`` items."""
+        """The first waiting item plus whatever else arrives within ``max_wait``, up to ``max_batch`` items.
+
+        Items whose caller stopped waiting are dropped as they are taken, so they do not use up a batch's places.
+        """
         assert self._queue is not None
-        batch = [await self._queue.get()]
+        batch: list[_Item] = []
+        while not batch:
+            batch = self._still_wanted([await self._queue.get()])
         deadline = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
             if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+                batch += self._still_wanted([self._queue.get_nowait()])
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                batch += self._still_wanted([await asyncio.wait_for(self._queue.get(), remaining)])
             except TimeoutError:
                 break
-        return [item for item in batch if not item.future.done()]  # drop requests whose client went away
+        return batch
+
+    def _still_wanted(self, items: list[_Item]) -> list[_Item]:
+        """The items whose caller still waits; the others are counted as skipped and never reach the model."""
+        wanted = [item for item in items if not item.future.done()]
+        self.stats.skipped += len(items) - len(wanted)
+        return wanted
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
             for beam_size in dict.fromkeys(item.beam_size for item in batch):
-                group = [item for item in batch if item.beam_size == beam_size]
+                # Checked right before the model runs: a group can be cancelled while an earlier group runs.
+                group = self._still_wanted([item for item in batch if item.beam_size == beam_size])
+                if not group:
+                    continue
                 images, names = [i.image for i in group], [i.name for i in group]
                 try:
                     results = await loop.run_in_executor(self._executor, self._run_batch, images, names, beam_size)

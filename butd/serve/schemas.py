@@ -53,6 +53,19 @@ class BatchingModel(BaseModel):
     batches: int = Field(description="batches run since start")
     images: int = Field(description="images captioned since start")
     largest_batch: int
+    queued: int = Field(description="images waiting for a batch")
+    skipped: int = Field(description="images dropped before the model because their client hung up")
+    abandoned_requests: int = Field(description="requests whose client hung up before their captions were ready")
+
+
+class MemoryModel(BaseModel):
+    max_pending_pixels: int = Field(description="the memory budget: decoded pixels admitted at once")
+    pending_pixels: int = Field(description="pixels of the requests being decoded, queued or captioned now")
+    peak_pending_pixels: int
+    max_decodes: int = Field(description="images decoded at once at most")
+    decoding: int
+    admitted_requests: int
+    refused_requests: int = Field(description="requests answered 503 because the budget was full")
 
 
 class HealthResponse(BaseModel):
@@ -70,3 +83,4 @@ class HealthResponse(BaseModel):
     max_images: int
     max_beam_size: int
     batching: BatchingModel
+    memory: MemoryModel
