@@ -22,7 +22,7 @@ from butd.captioner import Captioner
 from butd.serve import MicroBatcher, create_app
 from butd.serve.admission import PixelBudget
 from butd.serve.connections import ConnectionLimits
-from butd.train.checkpoint import load_model
+from butd.models import load_model
 from captioner_fixtures import ROOT, fast_detector, synthetic_image, write_tiny_checkpoint
 from serve_fixtures import (
     GatedCaptioner,
