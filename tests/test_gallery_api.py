@@ -14,11 +14,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from butd.captioner import Captioner
-from butd.gallery import LocalModel, RemoteModel, create_gallery_app
+from butd.gallery import LocalModel, RemoteModel, ThrottlePolicy, create_gallery_app
 from butd.gallery.images import prepare_image
+from butd.serve import create_app
 from butd.train.checkpoint import load_model
 from captioner_fixtures import fast_detector, synthetic_image, write_tiny_checkpoint
-from gallery_fixtures import BACKENDS, Visitor, assert_error, cheap_settings, fresh_database, png_bytes, stored_files
+from gallery_fixtures import (
+    BACKENDS, FakeClock, Visitor, assert_error, cheap_settings, fresh_database, loopback_server, png_bytes,
+    stored_files,
+)
 
 PICTURES = [(f"pic{i}.png", png_bytes(synthetic_image(160, 120, seed))) for i, seed in enumerate((1, 2, 3))]
 
@@ -306,3 +310,80 @@ def test_page_health_openapi_and_unknown_routes(open_gallery):
     assert "multipart/form-data" in paths["/api/images"]["post"]["requestBody"]["content"]
     assert_error(client.get("/api/nothing"), 404, "not_found")
     assert_error(client.put("/api/images"), 405, "method_not_allowed")
+
+
+def test_failed_logins_are_slowed_down_per_user_name(open_gallery):
+    clock = FakeClock()
+    policy = ThrottlePolicy(free_failures_per_user=3, free_failures_per_address=100, first_delay_s=2,
+                            max_delay_s=60, forget_after_s=600)
+    gallery = open_gallery(clock=clock, throttle=policy)
+    Visitor(gallery.client).register("alice")
+
+    def attempt(name, password="wrong password"):
+        return Visitor(gallery.client).login(name, password)
+
+    for name in ("alice", "nobody"):  # a known and an unknown user name are throttled alike
+        for _ in range(4):  # three free failures, and the fourth is still checked
+            assert_error(attempt(name), 401, "invalid_credentials")
+        blocked = attempt(name, "correct horse battery")  # even the right password waits
+        assert_error(blocked, 429, "too_many_attempts", "2 s")
+        assert blocked.headers["retry-after"] == "2"
+        clock.advance(1)
+        assert attempt(name).headers["retry-after"] == "1"  # blocked attempts are not counted
+        clock.advance(1.5)
+        assert_error(attempt(name), 401, "invalid_credentials")  # the fifth failure: now 4 s
+        assert attempt(name, "correct horse battery").headers["retry-after"] == "4"
+        clock.advance(4.1)
+    assert attempt("alice", "correct horse battery").status_code == 200
+    for _ in range(3):  # a success starts the user name afresh
+        assert_error(attempt("alice"), 401, "invalid_credentials")
+    clock.advance(600.1)  # and failures are forgotten after a while
+    assert_error(attempt("nobody"), 401, "invalid_credentials")
+
+
+def test_failed_logins_are_slowed_down_per_address(open_gallery):
+    clock = FakeClock()
+    policy = ThrottlePolicy(free_failures_per_user=100, free_failures_per_address=3, first_delay_s=5)
+    gallery = open_gallery(clock=clock, throttle=policy)
+    Visitor(gallery.client).register("alice")
+    for name in ("bob", "carol", "dave", "erin"):  # a different name each time: the address still counts
+        assert_error(Visitor(gallery.client).login(name, "guess"), 401, "invalid_credentials")
+    blocked = Visitor(gallery.client).login("alice")
+    assert_error(blocked, 429, "too_many_attempts")
+    assert blocked.headers["retry-after"] == "5"
+    clock.advance(5.1)
+    assert Visitor(gallery.client).login("alice").status_code == 200
+
+
+def test_sessions_expire(open_gallery):
+    clock = FakeClock()
+    gallery = open_gallery(clock=clock, session_ttl_s=3600)
+    alice = Visitor(gallery.client)
+    alice.register("alice")
+    clock.advance(3599)
+    assert alice.get("/api/me").status_code == 200
+    clock.advance(2)
+    assert_error(alice.get("/api/me"), 401, "not_authenticated")
+    assert alice.login("alice").status_code == 200
+
+
+def test_captioning_through_a_separate_model_service(open_gallery, captioner):
+    """--model-url: the gallery sends the files to tools/serve.py's POST /v1/captions; the model service's refusals
+    come back as the gallery's, and an unreachable service is a 502 that stores nothing."""
+    service = create_app(captioner, max_batch=4, max_wait_ms=5)
+    with loopback_server(service) as url:
+        gallery = open_gallery(model=RemoteModel(url))
+        alice = Visitor(gallery.client)
+        alice.register("alice")
+        response = alice.upload(PICTURES[0], data={"beam_size": "2"})
+        assert response.status_code == 201, response.text
+        (image,) = response.json()["images"]
+        (expected,) = captioner.caption([PICTURES[0][1]], beam_size=2)
+        assert image["caption"] == expected.caption and len(image["alternatives"]) == 2
+        assert "detector random" in image["model"] and url in image["model"]
+        assert gallery.client.get("/healthz").json()["random_detector"] is True
+        strip = png_bytes(synthetic_image(2000, 8, 6))
+        assert_error(alice.upload(("strip.png", strip)), 422, "unusable_image", "model service:", "strip.png")
+    assert_error(alice.upload(PICTURES[1]), 502, "model_unavailable", url)  # the service is gone
+    assert alice.get("/api/images").json()["total"] == 1
+    assert len(stored_files(gallery.data_dir)) == 2

@@ -3,6 +3,7 @@ the server is SIGKILLed in the middle (a subprocess killed at controlled points)
 with rows after kills and hand-made damage."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -20,7 +21,9 @@ from butd.gallery.reconcile import reconcile
 from butd.gallery.storage import ImageFiles
 from butd.gallery.store import Gallery, NewImage
 from captioner_fixtures import ROOT, synthetic_image
-from gallery_fixtures import BACKENDS, EchoModel, Visitor, cheap_settings, fresh_database, png_bytes, stored_files
+from gallery_fixtures import (
+    BACKENDS, EchoModel, Visitor, cheap_settings, fresh_database, loopback_server, png_bytes, stored_files,
+)
 
 PICTURES = [(f"kill{i}.png", png_bytes(synthetic_image(64, 48, seed))) for i, seed in enumerate((11, 12))]
 
@@ -165,3 +168,23 @@ def test_reconcile_repairs_hand_made_damage_and_leaves_strangers_alone(tmp_path)
         assert not reconcile(db, files, gallery).changed  # a second pass finds nothing to do
     finally:
         db.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_benchmark_loses_and_duplicates_nothing(backend, tmp_path):
+    """benchmarks/gallery_load.py (a short run) against a loopback gallery: users upload and list at once."""
+    image = tmp_path / "load.png"
+    image.write_bytes(png_bytes(synthetic_image(64, 48, 21)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with fresh_database(backend, tmp_path) as url:
+        app = create_gallery_app(cheap_settings(url, tmp_path / "data"), EchoModel())
+        with loopback_server(app) as server:
+            command = [sys.executable, str(ROOT / "benchmarks" / "gallery_load.py"), "--url", server, "--users", "4",
+                       "--uploads", "3", "--lists", "1", "--image", str(image), "--max-seconds", "120"]
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (report["uploads"], report["lists"], report["errors"]) == (12, 12, 0), report
+    assert report["lost_rows"] == report["duplicated_rows"] == report["unexpected_rows"] == 0
+    assert report["database"] == backend and report["upload_p99_ms"] >= report["upload_p50_ms"] > 0
+    assert len(stored_files(tmp_path / "data")) == 2 * 12

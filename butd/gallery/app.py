@@ -102,7 +102,7 @@ def create_gallery_app(settings: GallerySettings, model: CaptionModel, *, prepar
         """Whether the database answers, which model captions, and the limits the page shows."""
         parts = context(request)
         return {
-            "status": "ok", "database": "ok" if parts.db.ping() else "unreachable",
+            "status": "ok", "database": "ok" if parts.db.ping() else "unreachable", "database_backend": parts.db.dialect,
             "model": parts.model.description, "random_detector": parts.model.random_detector,
             "max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
             "max_images": settings.max_images, "max_beam_size": MAX_BEAM_SIZE, "quota_bytes": settings.quota_bytes,

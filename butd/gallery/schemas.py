@@ -67,6 +67,7 @@ class Cleared(BaseModel):
 class GalleryHealth(BaseModel):
     status: str
     database: str = Field(description='"ok" or "unreachable"')
+    database_backend: str = Field(description='"sqlite" or "postgresql"')
     model: str
     random_detector: bool
     max_upload_bytes: int

@@ -185,6 +185,8 @@ async function openDetail(id) {
   const stage = $("stage");
   // The stage takes the image's shape so that boxes (in % of the image) land where they belong.
   stage.style.width = `min(100%, ${((70 * image.width) / image.height).toFixed(2)}vh)`;
+  $("photo").width = image.width; // reserves the image's shape before it loads: nothing moves under the pointer
+  $("photo").height = image.height;
   $("photo").src = image.image_url;
   $("photo").alt = image.caption;
   viewer.show(image);
