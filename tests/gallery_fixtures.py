@@ -6,8 +6,9 @@ import io
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,31 @@ def fresh_database(backend: str, folder: Path) -> Iterator[str]:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def open_gallery(request, tmp_path):
+    """start(model=None, **settings) -> a running gallery (TestClient) on a fresh database of the parametrized
+    backend. Without ``model``, the test module's ``make_model`` fixture (a function) builds one. Small upload limits
+    by default: 2 MB per request, 4 megapixels, 3 images."""
+    stack = ExitStack()
+
+    def start(model: Any = None, **overrides: Any) -> SimpleNamespace:
+        from fastapi.testclient import TestClient
+
+        from butd.gallery import create_gallery_app
+
+        url = stack.enter_context(fresh_database(request.param, tmp_path))
+        overrides.setdefault("max_upload_bytes", 2_000_000)
+        overrides.setdefault("max_pixels", 4_000_000)
+        overrides.setdefault("max_images", 3)
+        settings = cheap_settings(url, tmp_path / "data", **overrides)
+        app = create_gallery_app(settings, model or request.getfixturevalue("make_model")())
+        client = stack.enter_context(TestClient(app))
+        return SimpleNamespace(client=client, settings=settings, data_dir=tmp_path / "data", backend=request.param)
+
+    with stack:
+        yield start
 
 
 def cheap_settings(database_url: str, data_dir: Path, **overrides: Any):

@@ -19,8 +19,7 @@ import uvicorn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gallery_fixtures import EchoModel, cheap_settings  # noqa: E402
 
-from butd.gallery import create_gallery_app  # noqa: E402
-from butd.gallery import storage  # noqa: E402
+from butd.gallery import create_gallery_app, storage  # noqa: E402
 
 
 def arm(point: str) -> None:

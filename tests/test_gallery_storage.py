@@ -22,7 +22,14 @@ from butd.gallery.storage import ImageFiles
 from butd.gallery.store import Gallery, NewImage
 from captioner_fixtures import ROOT, synthetic_image
 from gallery_fixtures import (
-    BACKENDS, EchoModel, Visitor, cheap_settings, fresh_database, loopback_server, png_bytes, stored_files,
+    BACKENDS,
+    EchoModel,
+    Visitor,
+    cheap_settings,
+    fresh_database,
+    loopback_server,
+    png_bytes,
+    stored_files,
 )
 
 PICTURES = [(f"kill{i}.png", png_bytes(synthetic_image(64, 48, seed))) for i, seed in enumerate((11, 12))]

@@ -15,8 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
 from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from butd.errors import ConfigError
@@ -102,7 +102,8 @@ def create_gallery_app(settings: GallerySettings, model: CaptionModel, *, prepar
         """Whether the database answers, which model captions, and the limits the page shows."""
         parts = context(request)
         return {
-            "status": "ok", "database": "ok" if parts.db.ping() else "unreachable", "database_backend": parts.db.dialect,
+            "status": "ok", "database": "ok" if parts.db.ping() else "unreachable",
+            "database_backend": parts.db.dialect,
             "model": parts.model.description, "random_detector": parts.model.random_detector,
             "max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
             "max_images": settings.max_images, "max_beam_size": MAX_BEAM_SIZE, "quota_bytes": settings.quota_bytes,

@@ -76,7 +76,8 @@ class RemoteModel:
     fails, the upload gets 502 ``model_unavailable`` (nothing is stored). ``transport`` is for tests.
     """
 
-    def __init__(self, url: str, *, timeout_s: float = 300.0, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 300.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
         self.description = f"model service at {self.url}"
         self.random_detector = False
@@ -110,8 +111,8 @@ class RemoteModel:
             raise _refusal(response, self.url)
         captions = response.json().get("captions", [])
         if len(captions) != len(images):
-            raise ApiError(502, "model_unavailable",
-                           f"the model service at {self.url} answered {len(captions)} captions for {len(images)} images")
+            raise ApiError(502, "model_unavailable", f"the model service at {self.url} answered {len(captions)} "
+                                                     f"captions for {len(images)} images")
         return captions
 
     async def _describe(self) -> None:

@@ -12,7 +12,13 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from butd.gallery.auth import CurrentUser
 from butd.gallery.deps import (
-    GalleryContext, clear_session_cookie, client_address, context, csrf_user, current_user, set_session_cookie,
+    GalleryContext,
+    clear_session_cookie,
+    client_address,
+    context,
+    csrf_user,
+    current_user,
+    set_session_cookie,
 )
 from butd.gallery.schemas import Credentials, ErrorResponse, SessionResponse
 from butd.serve.limits import ApiError

@@ -162,7 +162,8 @@ def _beam_size(form_value: Any, query_value: int | None, default: int) -> int:
     try:
         value = int(str(form_value))
     except ValueError:
-        raise ApiError(422, "invalid_beam_size", f"beam_size must be an integer, got {str(form_value)[:40]!r}") from None
+        raise ApiError(422, "invalid_beam_size",
+                       f"beam_size must be an integer, got {str(form_value)[:40]!r}") from None
     if not 1 <= value <= MAX_BEAM_SIZE:
         raise ApiError(422, "invalid_beam_size", f"beam_size must be between 1 and {MAX_BEAM_SIZE}, got {value}")
     return value

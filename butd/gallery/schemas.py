@@ -11,7 +11,8 @@ __all__ = ["ErrorResponse"]
 
 
 class Credentials(BaseModel):
-    username: str = Field(max_length=256, description="3-32 characters: letters, digits, '.', '_', '-' (case-insensitive)")
+    username: str = Field(max_length=256,
+                          description="3-32 characters: letters, digits, '.', '_', '-' (case-insensitive)")
     password: str = Field(max_length=4096)
 
 

@@ -75,7 +75,8 @@ class GallerySettings:
         if not 1 <= self.default_beam_size <= 10:
             raise ConfigError(f"gallery settings: default_beam_size must be in 1..10, got {self.default_beam_size}")
         if self.page_size > self.max_page_size:
-            raise ConfigError(f"gallery settings: page_size {self.page_size} exceeds max_page_size {self.max_page_size}")
+            raise ConfigError(f"gallery settings: page_size {self.page_size} exceeds max_page_size "
+                              f"{self.max_page_size}")
 
     @property
     def cookie_name(self) -> str:
