@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -16,10 +17,11 @@ from fastapi.testclient import TestClient
 
 from butd.gallery import create_gallery_app
 from butd.gallery.db import Database
-from butd.gallery.models import Base
+from butd.gallery.models import Base, User, utc
 from butd.gallery.reconcile import reconcile
 from butd.gallery.storage import ImageFiles
 from butd.gallery.store import Gallery, NewImage
+from butd.serve.limits import ApiError
 from captioner_fixtures import ROOT, synthetic_image
 from gallery_fixtures import (
     BACKENDS,
@@ -148,17 +150,33 @@ def new_image(name: str, data: bytes) -> NewImage:
                     width=64, height=48, caption=caption, beam_size=1, model="test")
 
 
-def test_reconcile_repairs_hand_made_damage_and_leaves_strangers_alone(tmp_path):
+@contextmanager
+def store_with_one_user(tmp_path):
+    """(settings, db, files, gallery) over a fresh SQLite database holding user 1."""
     settings = cheap_settings(f"sqlite:///{tmp_path / 'g.db'}", tmp_path / "data")
     db = Database(settings.database_url)
     db.migrate()
     files = ImageFiles(settings.data_dir)
-    gallery = Gallery(db=db, files=files, settings=settings)
+    with db.write() as session:
+        session.add(User(username="alice", password_hash="x", created_at=utc(0), used_bytes=0))
     try:
-        with db.write() as session:
-            from butd.gallery.models import User, utc
+        yield settings, db, files, Gallery(db=db, files=files, settings=settings)
+    finally:
+        db.dispose()
 
-            session.add(User(username="alice", password_hash="x", created_at=utc(0), used_bytes=0))
+
+def test_an_unwritable_data_folder_is_a_clear_503_that_stores_nothing(tmp_path):
+    with store_with_one_user(tmp_path) as (settings, _, _, gallery):
+        (settings.data_dir / "images" / "1").write_text("a file where the user's folder should be")
+        with pytest.raises(ApiError) as refusal:
+            gallery.add(1, [new_image("a", b"a" * 100)])
+        assert (refusal.value.status, refusal.value.code) == (503, "storage_unavailable")
+        assert "nothing was stored" in refusal.value.message
+        assert gallery.page(1, limit=10).total == 0 and gallery.used_bytes(1) == 0
+
+
+def test_reconcile_repairs_hand_made_damage_and_leaves_strangers_alone(tmp_path):
+    with store_with_one_user(tmp_path) as (settings, db, files, gallery):
         kept, lost = gallery.add(1, [new_image("kept", b"k" * 100), new_image("lost", b"l" * 200)])
         folder = settings.data_dir / "images" / "1"
         (folder / lost.file_name).unlink()  # removed by hand: the row must go
@@ -173,8 +191,6 @@ def test_reconcile_repairs_hand_made_damage_and_leaves_strangers_alone(tmp_path)
         assert [row.id for row in gallery.page(1, limit=10).images] == [kept.id]
         assert gallery.used_bytes(1) == kept.bytes
         assert not reconcile(db, files, gallery).changed  # a second pass finds nothing to do
-    finally:
-        db.dispose()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

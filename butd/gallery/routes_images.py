@@ -21,7 +21,9 @@ from butd.serve.limits import ApiError, UploadTooLarge
 
 router = APIRouter(prefix="/api/images", tags=["gallery"])
 # User-uploaded bytes are served as the image type they were checked to be, never sniffed, never run as a page.
-FILE_HEADERS = {"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff",
+# "no-cache": the browser may keep a copy but asks again (a cheap 304) each time, so after log-out or deletion the
+# cached image is not shown without a session.
+FILE_HEADERS = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff",
                 "Content-Security-Policy": "default-src 'none'; sandbox"}
 UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["images"],

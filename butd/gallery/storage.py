@@ -73,10 +73,14 @@ class ImageFiles:
         _fsync_folder(self.root / str(int(user_id)))
 
     def discard(self, user_id: int, names: list[str]) -> None:
-        """Remove final and partial files of ``names`` (missing ones are fine)."""
+        """Remove final and partial files of ``names`` (missing ones are fine). Best effort: a file that cannot be
+        removed now is logged, and the next start-up's reconcile removes it."""
         for name in names:
-            self.path(user_id, name).unlink(missing_ok=True)
-            self.partial_path(user_id, name).unlink(missing_ok=True)
+            for path in (self.path(user_id, name), self.partial_path(user_id, name)):
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as err:
+                    log.warning("cannot remove %s (%s); it goes at the next start-up", path, err)
 
     def scan(self) -> dict[int, UserFiles]:
         """Every user folder and what it holds."""

@@ -77,6 +77,10 @@ class Gallery:
             with self.db.write() as session:
                 self._reserve(session, user_id, total, len(rows))
                 session.add_all(rows)
+        except OSError as err:  # disk full, folder not writable: nothing is kept, and the client is told why
+            self.files.discard(user_id, names)
+            raise ApiError(503, "storage_unavailable", f"the server cannot write its data folder "
+                                                       f"({err.strerror or err}); nothing was stored") from err
         except BaseException:
             self.files.discard(user_id, names)
             raise

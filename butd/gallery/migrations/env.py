@@ -1,9 +1,16 @@
-"""Alembic environment: migrates the connection ``Database.migrate`` hands over, or the URL of ``-x url=...``.
+"""Alembic environment: migrates the connection ``Database.migrate`` hands over, or the ``sqlalchemy.url`` option
+(or ``-x url=...`` on Alembic's command line).
 
-To write a new revision after changing ``butd/gallery/models.py``:
+To write a new revision after changing ``butd/gallery/models.py`` (autogenerate compares the models with a database
+at the newest revision; review the file it writes, then add a test):
 
-    alembic -c /dev/null -x url=sqlite:///scratch.db --raiseerr \
-        -n default revision --autogenerate -m "what changed"   # with script_location set, see docs/service.md
+    from alembic import command
+    from alembic.config import Config
+    config = Config()
+    config.set_main_option("script_location", "butd/gallery/migrations")
+    config.set_main_option("sqlalchemy.url", "sqlite:///scratch.db")
+    command.upgrade(config, "head")
+    command.revision(config, message="what changed", autogenerate=True)
 """
 from __future__ import annotations
 
