@@ -22,5 +22,5 @@ if ! "$venv/bin/python" -c "import torch, torchvision" 2>/dev/null; then
   echo "setup: installing torch==2.14.1 torchvision==0.29.1"
   "${pip[@]}" "torch==2.14.1" "torchvision==0.29.1"
 fi
-"${pip[@]}" -e ".[serve,test]"
+"${pip[@]}" -e ".[serve,test,gallery]"
 echo "setup: ready ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'))"

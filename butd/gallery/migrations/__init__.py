@@ -1,0 +1,1 @@
+"""Alembic migrations of the gallery's schema (run by ``butd.gallery.db.Database.migrate``)."""
