@@ -36,8 +36,7 @@ def arm(point: str) -> None:
         return killing
 
     if name == "replace":  # the renames of butd.gallery.storage only (promote), not those of other modules
-        storage.os = type("KillingOs", (), {"replace": staticmethod(wrap(os.replace)),
-                                            "__getattr__": lambda self, attr: getattr(os, attr)})()
+        storage.rename_durably = wrap(storage.rename_durably)
     else:
         setattr(storage.ImageFiles, name, wrap(getattr(storage.ImageFiles, name)))
 

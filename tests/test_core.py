@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from butd.core.devices import autocast_context, check_precision, resolve_device, uses_bf16
-from butd.core.files import remove_stale_temporaries, write_atomic, write_json_atomic
+from butd.core.files import remove_stale_temporaries, rename_durably, write_atomic, write_json_atomic
 from butd.core.tokens import EOS, PAD, UNK, Vocabulary, words_of
 from butd.errors import ConfigError
 
@@ -83,3 +83,13 @@ def test_precision_choices():
     assert uses_bf16(torch.device("cuda"), "auto") and not uses_bf16(torch.device("cuda"), "fp32")
     with autocast_context(cpu, "bf16"):
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_rename_durably_replaces_the_destination(tmp_path):
+    source, destination = tmp_path / ".a.partial", tmp_path / "a"
+    source.write_text("new")
+    destination.write_text("old")
+    rename_durably(source, destination)
+    assert destination.read_text() == "new" and not source.exists()
+    with pytest.raises(FileNotFoundError):
+        rename_durably(source, destination)

@@ -15,7 +15,7 @@ from butd.captioner import Captioner
 from butd.gallery import LocalModel, RemoteModel
 from butd.gallery.images import prepare_image
 from butd.serve import create_app
-from butd.train.checkpoint import load_model
+from butd.models import load_model
 from captioner_fixtures import fast_detector, synthetic_image, write_tiny_checkpoint
 from gallery_fixtures import Visitor, assert_error, loopback_server, png_bytes, stored_files
 

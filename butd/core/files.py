@@ -51,6 +51,14 @@ def write_atomic(path: str | Path, content: Content) -> Path:
     return path
 
 
+def rename_durably(source: str | Path, destination: str | Path) -> None:
+    """Rename ``source`` over ``destination`` (atomic within one file system) and flush the folder entry, so the
+    rename survives a power loss. For files already complete on disk (e.g. written by :func:`write_atomic` under
+    another name): the gallery's two-phase uploads publish their files this way."""
+    os.replace(source, destination)
+    _fsync_dir(Path(destination).parent)
+
+
 def write_json_atomic(path: str | Path, document: Any, **dump_options: Any) -> Path:
     """:func:`write_atomic` of ``json.dumps(document, **dump_options)``."""
     return write_atomic(path, json.dumps(document, **dump_options))

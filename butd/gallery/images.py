@@ -2,7 +2,8 @@
 
 The checks are those of the model service, with its limits: the content type, the pixel count read from the header
 before anything is decoded (decompression bombs), decodability. Browser-displayable formats (JPEG, PNG, GIF, WebP,
-BMP) are stored as uploaded; anything else PIL can read is stored as PNG of the decoded pixels.
+BMP) are stored as uploaded; anything else PIL can read is stored as PNG of the decoded pixels. Decoding (EXIF
+rotation, colour modes) is the detector package's (``feature_extraction.images``), as in the model service.
 """
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from feature_extraction.images import ImageError, load_image
+
+from butd.serve.admission import read_image_header
 from butd.serve.app import ACCEPTED_TYPES
 from butd.serve.limits import ApiError
 
@@ -47,21 +51,9 @@ def check_content_type(name: str, content_type: str | None) -> None:
 
 def prepare_image(name: str, data: bytes, *, max_pixels: int, thumbnail_size: int) -> PreparedImage:
     """Check and decode one upload (call it off the event loop); 413/422 ``ApiError`` naming the file if refused."""
-    from feature_extraction.images import ImageError, load_image
-
     if not data:
         raise ApiError(422, "empty_file", f"{name}: the file is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as image:  # reads the header only
-            width, height = image.size
-            image_format = image.format
-    except Image.DecompressionBombError as err:
-        raise ApiError(413, "too_many_pixels", f"{name}: {err}") from err
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise ApiError(422, "undecodable_image", f"{name}: not an image this server can decode ({err})") from err
-    if width * height > max_pixels:
-        raise ApiError(413, "too_many_pixels",
-                       f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+    image_format = read_image_header(io.BytesIO(data), name, max_pixels=max_pixels).format
     try:
         pixels = load_image(data, max_pixels=max_pixels)
     except ImageError as err:

@@ -10,8 +10,12 @@ from typing import Any, Protocol
 
 import httpx
 
+from feature_extraction.images import ImageError
+
 from butd.gallery.images import PreparedImage
-from butd.serve.batcher import MicroBatcher, QueueFull
+from butd.serve.admission import PixelBudget, admit
+from butd.serve.app import RETRY_AFTER_S
+from butd.serve.batcher import MicroBatcher
 from butd.serve.limits import ApiError
 
 log = logging.getLogger("butd.gallery")
@@ -36,7 +40,8 @@ class CaptionModel(Protocol):
 class LocalModel:
     """A ``butd.Captioner`` in this process, used by one inference thread behind a ``MicroBatcher``."""
 
-    def __init__(self, captioner: Any, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queue: int = 256) -> None:
+    def __init__(self, captioner: Any, *, max_batch: int = 8, max_wait_ms: float = 10.0,
+                 max_pending_pixels: int = 100_000_000) -> None:
         self.captioner = captioner
         info = captioner.info()
         checkpoint = Path(info["checkpoint"]).name if info.get("checkpoint") else "checkpoint"
@@ -46,7 +51,9 @@ class LocalModel:
         def run_batch(arrays: list[Any], names: list[str], beam_size: int) -> list[dict[str, Any]]:
             return [r.to_json() for r in captioner.caption(arrays, beam_size=beam_size, names=names)]
 
-        self._batcher = MicroBatcher(run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
+        self._batcher = MicroBatcher(run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms)
+        # The service's memory budget: decoded pixels waiting for the model, not a count of images.
+        self._budget = PixelBudget(max_pixels=max_pending_pixels, max_decodes=1)
 
     async def start(self) -> None:
         await self._batcher.start()
@@ -55,18 +62,15 @@ class LocalModel:
         await self._batcher.stop()
 
     def check_image(self, image: PreparedImage) -> None:
-        from feature_extraction.images import ImageError
-
         try:
             self.captioner.check_image(image.width, image.height, image.name)
         except ImageError as err:
             raise ApiError(422, "unusable_image", str(err)) from err
 
     async def caption(self, images: list[PreparedImage], beam_size: int) -> list[dict[str, Any]]:
-        try:
+        with admit(self._budget, [i.name for i in images], [(i.width, i.height) for i in images],
+                   retry_after_s=RETRY_AFTER_S):
             return await self._batcher.submit([i.pixels for i in images], [i.name for i in images], beam_size)
-        except QueueFull as err:
-            raise ApiError(503, "busy", f"the model is busy: {err}; retry shortly") from err
 
 
 class RemoteModel:

@@ -15,12 +15,11 @@ other instances run: an upload whose partial file disappears under it fails and 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from butd.core.files import write_atomic
+from butd.core.files import rename_durably, write_atomic
 
 log = logging.getLogger("butd.gallery")
 PARTIAL = ".partial"
@@ -66,11 +65,10 @@ class ImageFiles:
         instance's reconcile removed it before the rows were committed)."""
         for name in names:
             try:
-                os.replace(self.partial_path(user_id, name), self.path(user_id, name))
+                rename_durably(self.partial_path(user_id, name), self.path(user_id, name))
             except FileNotFoundError:
                 if not self.path(user_id, name).exists():  # not renamed by a concurrent reconcile either
                     raise
-        _fsync_folder(self.root / str(int(user_id)))
 
     def discard(self, user_id: int, names: list[str]) -> None:
         """Remove final and partial files of ``names`` (missing ones are fine). Best effort: a file that cannot be
@@ -104,17 +102,3 @@ class ImageFiles:
     def remove_temporary(self, user_id: int, file_name: str) -> None:
         if TEMP_NAME.fullmatch(file_name):
             (self.root / str(int(user_id)) / file_name).unlink(missing_ok=True)
-
-
-def _fsync_folder(folder: Path) -> None:
-    # A rename is durable once its folder entry is flushed; some file systems refuse to fsync a folder.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

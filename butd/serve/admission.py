@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Self
+from typing import BinaryIO, Self
+
+from PIL import Image, UnidentifiedImageError
+
+from butd.serve.limits import ApiError
 
 
 @dataclass
@@ -89,6 +93,52 @@ class PixelBudget:
 
     def _give_back(self, pixels: int) -> None:
         self.stats.pending_pixels -= pixels
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an upload's header says, before anything is decoded."""
+
+    width: int
+    height: int
+    format: str | None  # PIL's name of the format ("JPEG", "PNG", ...)
+
+
+def read_image_header(source: BinaryIO, name: str, *, max_pixels: int) -> ImageHeader:
+    """The size and format of the image in ``source`` from its header alone (PIL decodes nothing here).
+
+    ``ApiError`` naming the file: 413 above ``max_pixels`` (decompression bombs included), 422 when it is not an
+    image. The model service and the gallery both check uploads with it.
+    """
+    try:
+        with Image.open(source) as image:  # PIL leaves a file object it did not open open
+            header = ImageHeader(width=image.size[0], height=image.size[1], format=image.format)
+    except Image.DecompressionBombError as err:
+        raise ApiError(413, "too_many_pixels", f"{name}: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ApiError(422, "undecodable_image", f"{name}: not an image this server can decode ({err})") from err
+    if header.width * header.height > max_pixels:
+        raise ApiError(413, "too_many_pixels", f"{name}: {header.width}x{header.height} = "
+                       f"{header.width * header.height} pixels exceeds the limit of {max_pixels}")
+    return header
+
+
+def admit(budget: PixelBudget, names: Sequence[str], sizes: Sequence[tuple[int, int]], *,
+          retry_after_s: int) -> Grant:
+    """Grant a request's decoded pixels from ``budget``, or refuse it: 413 if it can never fit, else 503 busy
+    with ``Retry-After``."""
+    pixels = sum(width * height for width, height in sizes)
+    if pixels > budget.max_pixels:
+        what = names[0] if len(names) == 1 else f"the {len(names)} images of this request"
+        raise ApiError(413, "too_many_pixels",
+                       f"{what}: {pixels} pixels in all, more than the server decodes at once ({budget.max_pixels}); "
+                       "send fewer or smaller images per request")
+    grant = budget.try_admit(pixels)
+    if grant is None:
+        raise ApiError(503, "busy", f"the server is busy: {budget.stats.pending_pixels} of its {budget.max_pixels} "
+                                    f"pixels are being captioned; retry in {retry_after_s} s",
+                       headers={"Retry-After": str(retry_after_s)})
+    return grant
 
 
 # glibc's mallopt parameter number of M_MMAP_THRESHOLD (malloc.h).

@@ -22,14 +22,13 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from butd.serve.admission import Grant, PixelBudget
+from butd.serve.admission import PixelBudget, admit, read_image_header
 from butd.serve.batcher import MicroBatcher
 from butd.serve.limits import ApiError, BodyLimitMiddleware, BodyTimeout, UploadTooLarge
 from butd.serve.schemas import CaptionsResponse, ErrorResponse, HealthResponse
@@ -176,7 +175,7 @@ def create_app(
             sizes = [await run_in_threadpool(_measure, upload, name, max_pixels, captioner)
                      for upload, name in zip(uploads, names)]
             # The pixels stay granted until the captions are answered: the arrays wait in the batcher's queue.
-            with _admit(budget, names, sizes):
+            with admit(budget, names, sizes, retry_after_s=RETRY_AFTER_S):
                 arrays = []
                 for upload, name in zip(uploads, names):
                     if await request.is_disconnected():  # the client left while its upload was read: stop decoding
@@ -266,38 +265,13 @@ def _measure(upload: UploadFile, name: str, max_pixels: int, captioner: Any) -> 
     """The image's width and height from its header alone (nothing is decoded); refuses what could never be used."""
     if not upload.size:
         raise ApiError(422, "empty_file", f"{name}: the file is empty")
+    upload.file.seek(0)
+    header = read_image_header(upload.file, name, max_pixels=max_pixels)
     try:
-        upload.file.seek(0)
-        with Image.open(upload.file) as image:  # reads the header only (PIL leaves a file it did not open open)
-            width, height = image.size
-    except Image.DecompressionBombError as err:
-        raise ApiError(413, "too_many_pixels", f"{name}: {err}") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ApiError(422, "undecodable_image", f"{name}: not an image this server can decode ({err})") from err
-    if width * height > max_pixels:
-        raise ApiError(413, "too_many_pixels",
-                       f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
-    try:
-        captioner.check_image(width, height, name)  # symmetric in width and height, so EXIF rotation cannot matter
+        captioner.check_image(header.width, header.height, name)  # symmetric in width and height: EXIF cannot matter
     except ImageError as err:
         raise ApiError(422, "unusable_image", str(err)) from err
-    return width, height
-
-
-def _admit(budget: PixelBudget, names: list[str], sizes: list[tuple[int, int]]) -> Grant:
-    """Grant the request's decoded pixels from the memory budget, or refuse it: 413 if it can never fit, else 503."""
-    pixels = sum(width * height for width, height in sizes)
-    if pixels > budget.max_pixels:
-        what = names[0] if len(names) == 1 else f"the {len(names)} images of this request"
-        raise ApiError(413, "too_many_pixels",
-                       f"{what}: {pixels} pixels in all, more than the server decodes at once ({budget.max_pixels}); "
-                       "send fewer or smaller images per request")
-    grant = budget.try_admit(pixels)
-    if grant is None:
-        raise ApiError(503, "busy", f"the server is busy: {budget.stats.pending_pixels} of its {budget.max_pixels} "
-                                    f"pixels are being captioned; retry in {RETRY_AFTER_S} s",
-                       headers={"Retry-After": str(RETRY_AFTER_S)})
-    return grant
+    return header.width, header.height
 
 
 async def _decode(upload: UploadFile, name: str, max_pixels: int) -> Any:
