@@ -11,7 +11,7 @@ import torch
 from butd.config.defaults import ModelConfig
 from butd.models import build_model
 from butd.train.distributed import DistContext
-from butd.train.loop import train_step
+from butd.train.step import train_step
 from butd.train.xe import XeObjective
 from test_packed import FEAT, VOCAB, batch
 
