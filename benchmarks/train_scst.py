@@ -8,7 +8,7 @@
 One step = encode, sample ``--num-samples`` captions per image (max length 16), CIDEr-D rewards on the device
 (``TensorCiderD`` over ``--reference-images`` synthetic images x 5 references, which also give the document
 frequencies), the baseline, the policy-gradient loss, backward and Adam: ``butd.train.step.train_step`` on
-``ScstObjective``. Prints one JSON line. Reference (self-critical.pytorch on one H100, 5 samples, mean baseline):
+``ScstObjective`` (fused Adam on CUDA, as in the loop). Prints one JSON line. Reference (self-critical.pytorch on one H100, 5 samples, mean baseline):
 141.5 ms/iteration at batch 10, 475.3 ms at batch 100; goal: a Karpathy-train epoch in <= 60 s.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from butd.metrics import TensorCiderD
 from butd.train.rewards import CaptionReward
 from butd.train.scst import ScstObjective
-from train_xe import add_model_arguments, build, synthetic_batch, time_steps
+from train_xe import add_model_arguments, build, eager_runner, synthetic_batch, time_steps
 
 
 def synthetic_references(num_images: int, vocab_size: int, seed: int) -> dict[int, list[list[int]]]:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     objective = ScstObjective(model, CaptionReward(cider=cider), num_samples=args.num_samples,
                               baseline=args.baseline, max_length=args.max_length)
     batch = synthetic_batch(args, ctx.device, with_labels=False)
-    result = time_steps(objective, model, batch, args, ctx, bf16)
+    result = time_steps(eager_runner(objective, model, ctx, bf16), batch, args, ctx, bf16)
     print(json.dumps({"benchmark": "train_scst", "num_samples": args.num_samples, "baseline": args.baseline,
                       "reward_setup_s": round(reward_setup_s, 2), **result}))
 

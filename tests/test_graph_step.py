@@ -19,7 +19,7 @@ from butd.config.defaults import ModelConfig
 from butd.models import build_model
 from butd.train.distributed import DistContext
 from butd.train.graph_step import SyncFreeStep, adopt_optimizer, pad_regions
-from butd.train.runner import deferred_runner
+from butd.train.runner import deferred_runner, portable_optimizer_state
 from butd.train.static_xe import StaticXeObjective, full_length_teacher_forcing
 from butd.train.step import DivergenceError, DivergenceGuard, train_step
 from butd.train.xe import StepOutput, XeObjective, teacher_forcing_pair
@@ -191,3 +191,13 @@ def test_padded_regions_change_nothing():
     padded = pad_regions(data, data.features.shape[1] + 5)
     assert padded.region_mask.shape[1] == data.region_mask.shape[1] + 5 and not padded.region_mask[:, -5:].any()
     torch.testing.assert_close(StaticXeObjective(model)(padded).loss, StaticXeObjective(model)(data).loss)
+
+
+def test_a_captured_optimizer_saves_a_state_any_runner_resumes():
+    model = tiny_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    adopt_optimizer(optimizer, capture=True)  # what cuda_graph does: the rate in a tensor, capturable
+    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
+    saved = portable_optimizer_state(optimizer)
+    assert saved["param_groups"][0]["lr"] == pytest.approx(1e-3) and saved["param_groups"][0]["capturable"] is False
+    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)  # the optimizer itself is unchanged

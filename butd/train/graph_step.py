@@ -49,6 +49,8 @@ def adopt_optimizer(optimizer: torch.optim.Optimizer, *, capture: bool) -> None:
     (a Python float would be frozen into the graph)."""
     if not isinstance(optimizer, torch.optim.Adam):
         raise ValueError(f"the sync-free step drives torch.optim.Adam, got {type(optimizer).__name__}")
+    if capture:  # the warm-up steps run uncaptured on purpose: torch's one-time warning about it would only confuse
+        optimizer._warned_capturable_if_run_uncaptured = True  # type: ignore[attr-defined]
     for group in optimizer.param_groups:
         group["fused"], group["foreach"], group["capturable"] = True, None, capture
         device = group["params"][0].device
