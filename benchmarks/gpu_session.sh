@@ -5,7 +5,8 @@
 #   2. benchmarks/train_xe.py at batch 10 and 100 with every runner, then the peer's own step beside it
 #      (self-critical.pytorch, XE and SCST from a random model, samples of at most 16 words);
 #   3. train_xe.py at batch 250 and 500, the XE step profiled (kernel and graph launches per iteration) with the
-#      eager and the cuda_graph runner, and benchmarks/train_scst.py at batch 10 and 100.
+#      eager and the cuda_graph runner, benchmarks/train_scst.py at batch 10 and 100 with every runner, and the
+#      captured SCST step profiled.
 # Every step prints one JSON line on stdout (a failed one too), also appended to ${OUT:-gpu_session}/results.jsonl;
 # progress and the tools' own messages go to stderr.
 #
@@ -65,6 +66,8 @@ done
 bench 120 benchmarks/profile_step.py --stage xe --device cuda --batch-size 250 --runner cuda_graph
 bench 120 benchmarks/profile_step.py --stage xe --device cuda --batch-size 250
 for batch in 10 100; do
-    bench 150 benchmarks/train_scst.py --device cuda --batch-size "$batch" --num-samples 5 --baseline mean
+    bench 150 benchmarks/train_scst.py --device cuda --batch-size "$batch" --num-samples 5 --baseline mean \
+        --runner cuda_graph --compare-runners
 done
+bench 120 benchmarks/profile_step.py --stage scst --device cuda --batch-size 100 --runner cuda_graph
 json benchmark gpu_session_end seconds "$(( $(date +%s) - started ))"

@@ -6,7 +6,7 @@
   python benchmarks/profile_step.py --stage scst --device cpu --batch-size 2 --iters 1 --warmup 1    # CPU smoke run
 
 Same model, synthetic batch and step as benchmarks/train_xe.py / train_scst.py (the loop's step, through the
-runner ``--runner`` names: ``train.step_runner``, XE only for static / cuda_graph). Prints one JSON line: the device,
+runner ``--runner`` names: ``train.step_runner``). Prints one JSON line: the device,
 the settings, the profiled milliseconds per step, the number of kernel launches and CUDA-graph launches (CUDA) or
 operator calls per step, and the ``--top`` operators by self time with their share of the total. ``--trace`` also
 writes a Chrome trace (open it in chrome://tracing or Perfetto).
@@ -24,7 +24,8 @@ from butd.train.rewards import CaptionReward
 from butd.train.runner import RUNNERS
 from butd.train.scst import ScstObjective
 from train_scst import synthetic_references
-from train_xe import add_model_arguments, build, eager_runner, synthetic_batch, warmup_steps, xe_runner
+from butd.train.static_scst import StaticScstObjective
+from train_xe import add_model_arguments, build, stage_runner, synthetic_batch, warmup_steps, xe_runner
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,14 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(iters=5, warmup=3)
     p.add_argument("--stage", choices=("xe", "scst"), default="xe")
     p.add_argument("--plain", action="store_true", help="XE: profile the plain padded loop instead of packed")
-    p.add_argument("--runner", choices=RUNNERS, default="eager", help="train.step_runner (XE only for static, "
-                   "cuda_graph; its warm-up covers the capture)")
+    p.add_argument("--runner", choices=RUNNERS, default="eager", help="train.step_runner (cuda_graph: its warm-up "
+                   "covers the capture)")
     p.add_argument("--top", type=int, default=15, help="operators to list")
     p.add_argument("--trace", default=None, help="also write a Chrome trace to this file")
     args = p.parse_args(argv)
 
-    if args.runner != "eager" and (args.stage != "xe" or args.plain):
-        p.error("--runner static / cuda_graph profile the XE step (not --stage scst, not --plain)")
+    if args.runner != "eager" and args.plain:
+        p.error("--plain is the eager padded XE loop: not with --runner static / cuda_graph")
     model, ctx, bf16 = build(args)
     if args.runner == "cuda_graph" and ctx.device.type != "cuda":
         p.error("--runner cuda_graph needs --device cuda")
@@ -51,8 +52,10 @@ def main(argv: list[str] | None = None) -> None:
 
         cider = TensorCiderD(references=synthetic_references(max(args.batch_size, 100), args.vocab_size, args.seed),
                              device=ctx.device)
-        runner = eager_runner(ScstObjective(model, CaptionReward(cider=cider), max_length=args.max_length), model,
-                              ctx, bf16)
+        reward = CaptionReward(cider=cider)
+        runner = stage_runner(args.runner, eager_objective=ScstObjective(model, reward, max_length=args.max_length),
+                              static_objective=StaticScstObjective(model, reward, max_length=args.max_length),
+                              model=model, ctx=ctx, bf16=bf16, args=args)
     batch = synthetic_batch(args, ctx.device, with_labels=args.stage == "xe")
     cuda = ctx.device.type == "cuda"
     iteration = 0

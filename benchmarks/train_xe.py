@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -104,16 +105,23 @@ def eager_runner(step_fn: torch.nn.Module, model: torch.nn.Module, ctx: DistCont
                        guard=DivergenceGuard())
 
 
-def xe_runner(kind: str, model: torch.nn.Module, ctx: DistContext, bf16: bool, args: argparse.Namespace,
-              *, packed: bool = True) -> StepRunner:
-    """The XE step of ``train.step_runner=kind``, as the loop builds it (values read back every 50 steps, the
-    default ``train.log_every``)."""
+def stage_runner(kind: str, *, eager_objective: torch.nn.Module, static_objective: torch.nn.Module,
+                 model: torch.nn.Module, ctx: DistContext, bf16: bool, args: argparse.Namespace) -> StepRunner:
+    """The step of ``train.step_runner=kind``, as the loop builds it: the eager objective for ``eager``, the
+    fixed-shape one otherwise (values read back every 50 steps, the default ``train.log_every``)."""
     if kind == "eager":
-        return eager_runner(XeObjective(model, packed=packed), model, ctx, bf16)
+        return eager_runner(eager_objective, model, ctx, bf16)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    return deferred_runner(kind, objective=StaticXeObjective(model), model=model, optimizer=optimizer, grad_clip=0.1,
+    return deferred_runner(kind, objective=static_objective, model=model, optimizer=optimizer, grad_clip=0.1,
                            bf16=bf16, guard=DivergenceGuard(), device=ctx.device, read_every=50,
                            batch_size=args.batch_size)
+
+
+def xe_runner(kind: str, model: torch.nn.Module, ctx: DistContext, bf16: bool, args: argparse.Namespace,
+              *, packed: bool = True) -> StepRunner:
+    """The XE step of ``train.step_runner=kind``."""
+    return stage_runner(kind, eager_objective=XeObjective(model, packed=packed),
+                        static_objective=StaticXeObjective(model), model=model, ctx=ctx, bf16=bf16, args=args)
 
 
 def warmup_steps(runner: StepRunner, args: argparse.Namespace) -> int:
@@ -166,34 +174,51 @@ def time_steps(runner: StepRunner, batch: Batch, args: argparse.Namespace, ctx: 
 SUMMARY = ("ms_per_iter", "images_per_s", "karpathy_epoch_s", "peak_gpu_mem_gib", "skipped_steps")
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(p)
+def add_runner_arguments(p: argparse.ArgumentParser) -> None:
+    """``--runner`` and ``--compare-runners``, shared with benchmarks/train_scst.py."""
     p.add_argument("--runner", choices=RUNNERS, default="eager",
-                   help="train.step_runner: eager (packed XE, the default), static (fixed shapes, no host sync), "
+                   help="train.step_runner: eager (the default), static (fixed shapes, no host sync), "
                         "cuda_graph (static, each step replayed as one CUDA graph; CUDA only)")
     p.add_argument("--compare-runners", action="store_true",
                    help="also time the other runners in the same run (cuda_graph only on CUDA); each starts from "
                         "the weights the previous one left")
-    p.add_argument("--compare-plain", action="store_true",
-                   help="also time the plain padded loop (train.packed_xe=false) in the same run")
-    args = p.parse_args(argv)
-    model, ctx, bf16 = build(args)
-    if args.runner == "cuda_graph" and ctx.device.type != "cuda":
+
+
+def check_runner_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.runner == "cuda_graph" and not args.device.startswith("cuda"):
         p.error("--runner cuda_graph needs --device cuda")
     if args.runner == "cuda_graph" and args.compile:
         p.error("--compile and --runner cuda_graph do not go together (train.step_runner=cuda_graph refuses it)")
-    batch = synthetic_batch(args, ctx.device)
-    result = {"benchmark": "train_xe", "runner": args.runner, "packed_xe": args.runner == "eager",
-              **time_steps(xe_runner(args.runner, model, ctx, bf16, args), batch, args, ctx, bf16)}
+
+
+def time_runners(make: Callable[[str], StepRunner], batch: Batch, args: argparse.Namespace, ctx: DistContext,
+                 bf16: bool) -> dict:
+    """``--runner``'s timing, and with ``--compare-runners`` the others' under ``runners`` (``main_speedup``: how
+    many times faster ``--runner`` is than that one)."""
+    result = {"runner": args.runner, **time_steps(make(args.runner), batch, args, ctx, bf16)}
     if args.compare_runners:
-        others = [k for k in RUNNERS if k != args.runner and (k != "cuda_graph" or
-                                                                (ctx.device.type == "cuda" and not args.compile))]
         result["runners"] = {}
-        for kind in others:
-            timed = time_steps(xe_runner(kind, model, ctx, bf16, args), batch, args, ctx, bf16)
+        for kind in RUNNERS:
+            if kind == args.runner or (kind == "cuda_graph" and (ctx.device.type != "cuda" or args.compile)):
+                continue
+            timed = time_steps(make(kind), batch, args, ctx, bf16)
             result["runners"][kind] = {k: timed[k] for k in SUMMARY}
             result["runners"][kind]["main_speedup"] = round(timed["ms_per_iter"] / result["ms_per_iter"], 2)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    add_runner_arguments(p)
+    p.add_argument("--compare-plain", action="store_true",
+                   help="also time the plain padded loop (train.packed_xe=false) in the same run")
+    args = p.parse_args(argv)
+    check_runner_arguments(p, args)
+    model, ctx, bf16 = build(args)
+    batch = synthetic_batch(args, ctx.device)
+    result = {"benchmark": "train_xe", "packed_xe": args.runner == "eager",
+              **time_runners(lambda kind: xe_runner(kind, model, ctx, bf16, args), batch, args, ctx, bf16)}
     if args.compare_plain:
         plain = time_steps(xe_runner("eager", model, ctx, bf16, args, packed=False), batch, args, ctx, bf16)
         result["plain"] = {k: plain[k] for k in SUMMARY}

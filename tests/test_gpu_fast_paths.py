@@ -18,7 +18,10 @@ from butd.data.dataset import Batch
 from butd.models import build_model
 from butd.train.distributed import DistContext
 from butd.train.loop import TrainOptions, train
+from butd.metrics import TensorCiderD
+from butd.train.rewards import CaptionReward
 from butd.train.runner import DeferredRunner, deferred_runner
+from butd.train.static_scst import StaticScstObjective
 from butd.train.static_xe import StaticXeObjective
 from butd.train.step import DivergenceGuard, train_step
 from butd.train.xe import XeObjective
@@ -175,3 +178,49 @@ def test_the_training_loop_with_cuda_graph_logs_the_static_losses(tmp_path):
     assert [r["iteration"] for r in logs["cuda_graph"]] == [r["iteration"] for r in logs["static"]] == [4, 8, 12]
     for mine, theirs in zip(logs["cuda_graph"], logs["static"]):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+
+
+def scst_runner(model: torch.nn.Module, kind: str, baseline: str = "mean") -> DeferredRunner:
+    references = {i: [[4 + (i + k) % 10, 5 + k, 6 + (i * k) % 8] for k in range(3)] for i in range(3)}
+    reward = CaptionReward(cider=TensorCiderD(references=references, device="cuda"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
+    return deferred_runner(kind, objective=StaticScstObjective(model, reward, num_samples=3, baseline=baseline,
+                                                               max_length=7),
+                           model=model, optimizer=optimizer, grad_clip=0.1, bf16=False, guard=DivergenceGuard(),
+                           device=torch.device("cuda"), read_every=50, batch_size=3, warmup=2)
+
+
+def test_the_sync_free_scst_step_never_waits_for_the_gpu():
+    runner = scst_runner(tiny_model(), "static", baseline="greedy")
+    batches = [batch(seed=i).to("cuda") for i in range(3)]
+    runner.step(batches[0], lr=1e-3, ss_prob=0.0, iteration=1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, data in enumerate(batches[1:], start=2):
+            runner.step(data, lr=1e-3, ss_prob=0.0, iteration=i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [o.good for o in runner.flush()] == [True, True, True]
+
+
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_the_captured_scst_step_samples_and_updates_like_the_uncaptured_one(baseline):
+    """A replay draws from the default generator exactly as the uncaptured step does (PyTorch advances its offset by
+    the graph's draws), so from the same seed: the same samples, rewards, loss and update."""
+    uncaptured_model = tiny_model()
+    captured_model = copy.deepcopy(uncaptured_model)
+    uncaptured = scst_runner(uncaptured_model, "static", baseline)
+    captured = scst_runner(captured_model, "cuda_graph", baseline)
+    for i in range(6):  # warm-up x2, capture, three replays
+        data = batch(seed=i).to("cuda")
+        for runner in (uncaptured, captured):
+            torch.manual_seed(100 + i)
+            runner.step(data, lr=1e-3, ss_prob=0.0, iteration=i + 1)
+    assert captured.captured is not None and captured.captured.captures == 1
+    theirs, mine = uncaptured.flush(), captured.flush()
+    assert all(o.good for o in theirs + mine) and len(mine) == 6
+    for a, b in zip(mine, theirs):
+        assert a.values == pytest.approx(b.values, rel=1e-5, abs=1e-6)
+    for (key, x), y in zip(uncaptured_model.state_dict().items(), captured_model.state_dict().values()):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5, msg=key)

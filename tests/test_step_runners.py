@@ -121,7 +121,8 @@ CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")
 @pytest.mark.parametrize("overrides, stage, message", [
     (["train.step_runner=cuda_graph"], "xe", "train.step_runner=cuda_graph needs a CUDA device .* use "
                                              "train.step_runner=static"),
-    (["train.step_runner=static"], "scst", "runs the xe stage only so far; use train.step_runner=eager for scst"),
+    (["train.step_runner=static", "scst.bleu_weight=0.5"], "scst", "rewards CIDEr-D on the device; "
+                                                                    "scst.bleu_weight > 0 computes BLEU on the host"),
     (["train.step_runner=static", "train.scheduled_sampling_start=0"], "xe", "has no scheduled sampling"),
 ])
 def test_runners_that_cannot_run_are_refused_in_one_line(overrides, stage, message):

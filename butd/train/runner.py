@@ -2,9 +2,9 @@
 
 - ``eager``: ``butd.train.step.train_step`` per batch, the reference. Each step's values are known when it returns
   (a host sync per step), so a bad step or an exploding loss is handled at that step.
-- ``static``: the sync-free step (``butd.train.graph_step``) on the fixed-shape objective
-  (``butd.train.static_xe``): the host queues steps without waiting and reads their values back every
-  ``train.log_every`` steps, or earlier when the loop logs or writes a checkpoint.
+- ``static``: the sync-free step (``butd.train.graph_step``) on the stage's fixed-shape objective
+  (``butd.train.static_xe``, ``butd.train.static_scst``): the host queues steps without waiting and reads their values
+  back every ``train.log_every`` steps, or earlier when the loop logs or writes a checkpoint.
 - ``cuda_graph``: ``static`` with each full batch's step replayed as one CUDA graph (CUDA only).
 
 Both deferred runners skip a bad step's update on the device and stop updating at an explosion, as the eager
@@ -77,8 +77,7 @@ class DeferredRunner:
         self.pending: list[tuple[int, int]] = []  # (iteration, images) of the steps not read back yet
 
     def step(self, batch: Batch, *, lr: float, ss_prob: float, iteration: int) -> list[StepOutcome]:
-        if ss_prob > 0:
-            raise ValueError("scheduled sampling needs train.step_runner=eager")
+        del ss_prob  # no scheduled sampling at fixed shapes: refused for XE at set-up, ignored by SCST as in eager
         self.sync_free.set_learning_rate(lr)
         (self.captured or self.sync_free)(batch)
         self.pending.append((iteration, len(batch)))
@@ -110,12 +109,12 @@ def check_step_runner(cfg: Config, ctx: dist.DistContext, stage: str) -> None:
     if kind == "cuda_graph" and ctx.device.type != "cuda":
         raise ConfigError(f"train.step_runner=cuda_graph needs a CUDA device (this run uses {ctx.device.type}); "
                           f"use train.step_runner=static, the same step without the graph")
-    if stage != "xe":
-        raise ConfigError(f"train.step_runner={kind} runs the xe stage only so far; use train.step_runner=eager "
-                          f"for {stage}")
+    if stage == "scst" and cfg.scst.bleu_weight > 0:
+        raise ConfigError(f"train.step_runner={kind} rewards CIDEr-D on the device; scst.bleu_weight > 0 computes "
+                          f"BLEU on the host: set scst.bleu_weight=0 or use train.step_runner=eager")
     if ctx.distributed:
         raise ConfigError(f"train.step_runner={kind} runs in one process; use train.step_runner=eager with torchrun")
-    if tc.scheduled_sampling_start >= 0:
+    if stage == "xe" and tc.scheduled_sampling_start >= 0:
         raise ConfigError(f"train.step_runner={kind} has no scheduled sampling; set "
                           f"train.scheduled_sampling_start=-1 or use train.step_runner=eager")
     if kind == "cuda_graph" and tc.compile:

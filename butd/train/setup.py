@@ -32,6 +32,7 @@ from butd.train.rng import restore_rng_state
 from butd.train.run_dir import claim_run_dir
 from butd.train.runner import StepRunner, build_runner, check_step_runner
 from butd.train.scst import ScstObjective
+from butd.train.static_scst import StaticScstObjective
 from butd.train.static_xe import StaticXeObjective
 from butd.train.step import DivergenceGuard
 from butd.train.xe import XeObjective
@@ -182,8 +183,9 @@ def _make_objective(stage: str, model: nn.Module, cfg: Config, data: CaptionData
         return XeObjective(model, label_smoothing=cfg.train.label_smoothing, packed=cfg.train.packed_xe)
     reward = CaptionReward.from_caption_data(data, split="train", count_eos=cfg.scst.count_eos,
                                              bleu_weight=cfg.scst.bleu_weight, device=device)
-    return ScstObjective(model, reward, num_samples=cfg.scst.num_samples, baseline=cfg.scst.baseline,
-                         max_length=cfg.scst.max_length, temperature=cfg.scst.temperature)
+    scst = StaticScstObjective if cfg.train.step_runner != "eager" else ScstObjective  # static: samples to full length
+    return scst(model, reward, num_samples=cfg.scst.num_samples, baseline=cfg.scst.baseline,
+                max_length=cfg.scst.max_length, temperature=cfg.scst.temperature)
 
 
 def _load_start(path: Path | None, data: CaptionData, options: TrainOptions, why: str) -> Checkpoint:
