@@ -52,8 +52,8 @@ def tiny_model(name: str = "updown", *, eos_bias: float = 0.0) -> torch.nn.Modul
 def reward() -> CaptionReward:
     """CIDEr-D against three references per image of the test batches (images 0..2), words 4..14."""
     g = torch.Generator().manual_seed(1)
-    refs = {i: [torch.randint(4, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(2, 6, (3,), generator=g)]
-            for i in range(3)}
+    lengths = torch.randint(2, 6, (3, 3), generator=g).tolist()
+    refs = {i: [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in lengths[i]] for i in range(3)}
     return CaptionReward(cider=TensorCiderD(references=refs))
 
 

@@ -46,7 +46,7 @@ def test_static_runner_trains_like_the_eager_loop(tiny, tmp_path):
     eager = train(tiny_config(*SAME), options(tiny, tmp_path / "eager"))
     static = train(tiny_config(*SAME, "train.step_runner=static"), options(tiny, tmp_path / "static"))
     assert static.state.iteration == eager.state.iteration == 12
-    eager_log, static_log = jsonl(tmp_path / "eager" / "train_log.jsonl"), jsonl(tmp_path / "static" / "train_log.jsonl")
+    eager_log, static_log = (jsonl(tmp_path / run / "train_log.jsonl") for run in ("eager", "static"))
     assert [r["iteration"] for r in static_log] == [r["iteration"] for r in eager_log] == [4, 8, 12]
     for mine, theirs in zip(static_log, eager_log):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5) and mine["lr"] == theirs["lr"]
