@@ -15,6 +15,7 @@ FeatureCache = Literal["none", "memory", "gpu"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 PrecisionName = Literal["auto", "fp32", "bf16"]
 BaselineKind = Literal["mean", "greedy"]
+StepRunnerKind = Literal["eager", "static", "cuda_graph"]
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # XE label smoothing
     compile: bool = False  # torch.compile the per-word decoder step (inductor; first steps pay the compile time)
     packed_xe: bool = True  # XE on length-sorted shrinking batches, logits for real tokens only (same loss, faster)
+    step_runner: StepRunnerKind = "eager"  # eager | static (fixed shapes, no host sync) | cuda_graph (static, captured)
     scheduled_sampling_start: int = -1  # epoch at which scheduled sampling starts (-1: never)
     scheduled_sampling_increase_every: int = 5  # epochs between increases of the sampling probability
     scheduled_sampling_increase_prob: float = 0.05  # increase per step

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +23,9 @@ from butd.errors import ButdError
 from butd.train import distributed as dist
 from butd.train.logging import StepMeter
 from butd.train.rng import capture_rng_state
+from butd.train.runner import StepOutcome, portable_optimizer_state
 from butd.train.setup import Run, TrainOptions, TrainState, prepare_run, seed_everything
-from butd.train.step import (DivergenceError, NonFiniteLossError, TrainingStepError, first_non_finite_parameter,
-                             train_step)
+from butd.train.step import DivergenceError, NonFiniteLossError, TrainingStepError, first_non_finite_parameter
 from butd.train.validate import validate
 from butd.train.xe import scheduled_sampling_prob
 
@@ -72,24 +73,25 @@ def train_epoch(run: Run) -> tuple[StepMeter, float]:
         for batch in loader:
             batch = batch.to(ctx.device, non_blocking=True)
             lr = learning_rate(tc, epoch=epoch, iteration=state.iteration)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            values, good = _guarded_step(run, batch, ss_prob)
+            iteration = state.iteration + 1
+            # A deferred runner (train.step_runner) returns its steps' outcomes later; the eager one at once.
+            outcomes = _guarded(run, f"epoch {epoch + 1}, iteration {iteration}",
+                                lambda: run.runner.step(batch, lr=lr, ss_prob=ss_prob, iteration=iteration))
             state.iteration += 1
             state.batch_in_epoch += 1
-            if good:
-                state.bad_steps_in_row = 0
-                meter.add(values, len(batch))
-            else:
-                _count_bad_step(run)
-            state.epoch_sums = meter.epoch_sums
+            _account(run, meter, outcomes)
             bar.update(1)
-            if state.iteration % tc.log_every == 0 and meter.count:
+            log_due = state.iteration % tc.log_every == 0
+            checkpoint_due = tc.checkpoint_every_iters and state.iteration % tc.checkpoint_every_iters == 0
+            if log_due or checkpoint_due:
+                _flush(run, meter)  # every step's values are in before they are logged or saved
+            if log_due and meter.count:
                 summary = meter.window_summary()
                 bar.set_postfix({k: f"{v:.3g}" for k, v in summary.items()})
                 run.logger.log_train(iteration=state.iteration, epoch=epoch, values={**summary, "lr": lr})
-            if tc.checkpoint_every_iters and state.iteration % tc.checkpoint_every_iters == 0:
+            if checkpoint_due:
                 write_checkpoints(run, best=False)
+        _flush(run, meter)
     return meter, time.perf_counter() - epoch_start
 
 
@@ -150,15 +152,12 @@ def learning_rate(tc: TrainConfig, *, epoch: int, iteration: int) -> float:
     return lr
 
 
-def _guarded_step(run: Run, batch, ss_prob: float) -> tuple[dict[str, float], bool]:
-    """``train_step``, with every failure turned into one line naming the iteration and the kept checkpoint."""
-    where = f"epoch {run.state.epoch + 1}, iteration {run.state.iteration + 1}"
+def _guarded(run: Run, where: str, call: Callable[[], list[StepOutcome]]) -> list[StepOutcome]:
+    """A runner call, with every failure turned into one line naming ``where`` and the kept checkpoint."""
     try:
-        return train_step(run.step_fn, run.model, run.optimizer, batch, ss_prob=ss_prob,
-                          grad_clip=run.cfg.train.grad_clip, bf16=run.bf16, ctx=run.ctx, guard=run.guard)
+        return call()
     except DivergenceError as error:
-        raise DivergenceError(f"{where}: {error}; stopping: {_kept(run)}. Lower train.lr or add "
-                              f"train.warmup_iters") from None
+        raise _stopped_by_divergence(run, where, str(error)) from None
     except ButdError:
         raise
     except (RuntimeError, ValueError, ArithmeticError) as error:  # e.g. CUDA out of memory, an optimizer overflow
@@ -167,16 +166,42 @@ def _guarded_step(run: Run, batch, ss_prob: float) -> tuple[dict[str, float], bo
                                 f"{_kept(run)}") from error
 
 
-def _count_bad_step(run: Run) -> None:
+def _stopped_by_divergence(run: Run, where: str, detail: str) -> DivergenceError:
+    return DivergenceError(f"{where}: {detail}; stopping: {_kept(run)}. Lower train.lr or add train.warmup_iters")
+
+
+def _flush(run: Run, meter: StepMeter) -> None:
+    """Account for every step the runner has not reported yet (a deferred runner reads its values back here)."""
+    where = f"epoch {run.state.epoch + 1}, iterations up to {run.state.iteration}"
+    _account(run, meter, _guarded(run, where, run.runner.flush))
+
+
+def _account(run: Run, meter: StepMeter, outcomes: list[StepOutcome]) -> None:
+    """Steps in order: good ones join the meter, bad ones are counted (too many in a row stop the run), an
+    exploded loss stops it."""
+    state = run.state
+    for outcome in outcomes:
+        if outcome.divergence is not None:
+            raise _stopped_by_divergence(run, f"epoch {state.epoch + 1}, iteration {outcome.iteration}",
+                                         outcome.divergence)
+        if outcome.good:
+            state.bad_steps_in_row = 0
+            meter.add(outcome.values, outcome.images)
+        else:
+            _count_bad_step(run, outcome.iteration)
+    state.epoch_sums = meter.epoch_sums
+
+
+def _count_bad_step(run: Run, iteration: int) -> None:
     state, tc = run.state, run.cfg.train
     state.bad_steps_in_row += 1
     state.bad_steps_total += 1
-    run.logger.message(f"iteration {state.iteration}: non-finite loss or gradient, step skipped "
+    run.logger.message(f"iteration {iteration}: non-finite loss or gradient, step skipped "
                        f"({state.bad_steps_in_row} in a row, {state.bad_steps_total} in total)")
     if state.bad_steps_in_row >= tc.max_bad_steps:
         raise NonFiniteLossError(
             f"{state.bad_steps_in_row} non-finite losses/gradients in a row (train.max_bad_steps) at epoch "
-            f"{state.epoch + 1}, iteration {state.iteration}; stopping: {_kept(run)}. Lower train.lr, add "
+            f"{state.epoch + 1}, iteration {iteration}; stopping: {_kept(run)}. Lower train.lr, add "
             f"train.warmup_iters, or check the features for NaN/inf.")
 
 
@@ -196,9 +221,9 @@ def _checkpoint(run: Run) -> Checkpoint:
         stage=run.options.stage, model_name=cfg.model.name, model=run.model.state_dict(), config=config_to_dict(cfg),
         vocab=list(run.data.vocab.words), epoch=state.epoch, iteration=state.iteration,
         batch_in_epoch=state.batch_in_epoch, best_score=state.best_score, val_metrics=dict(state.val_metrics),
-        bad_steps=state.bad_steps_total, optimizer=run.optimizer.state_dict(),
+        bad_steps=state.bad_steps_total, optimizer=portable_optimizer_state(run.optimizer),
         # The schedule is a pure function of (epoch, iteration) and the config; this records where it stood.
-        scheduler={"kind": "step_decay", "lr": run.optimizer.param_groups[0]["lr"]},
+        scheduler={"kind": "step_decay", "lr": float(run.optimizer.param_groups[0]["lr"])},
         scaler=None,  # bf16 autocast needs no loss scaling
         rng=rng[0], rng_per_rank=rng, world_size=run.ctx.world_size, epoch_sums=dict(state.epoch_sums))
 

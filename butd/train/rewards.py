@@ -71,8 +71,11 @@ class CaptionReward:
         return cls(cider=cider, bleu_weight=bleu_weight, references=references if bleu_weight > 0 else None)
 
     @torch.no_grad()
-    def __call__(self, image_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        reward = self.cider(image_ids, tokens).float()
+    def __call__(self, image_ids: torch.Tensor, tokens: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+        """``validate=False``: no input check, no host sync (see ``TensorCiderD``); CIDEr-D only, no BLEU."""
+        if not validate and self.bleu_weight > 0:
+            raise ValueError("the BLEU part of the reward is computed on the host: it needs validate=True")
+        reward = self.cider(image_ids, tokens, validate=validate).float()
         if self.bleu_weight > 0:
             assert self.references is not None
             bleu = [bleu4(words_of(row), self.references[int(i)])

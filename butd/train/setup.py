@@ -30,7 +30,10 @@ from butd.train.logging import RunLogger
 from butd.train.rewards import CaptionReward
 from butd.train.rng import restore_rng_state
 from butd.train.run_dir import claim_run_dir
+from butd.train.runner import StepRunner, build_runner, check_step_runner
 from butd.train.scst import ScstObjective
+from butd.train.static_scst import StaticScstObjective
+from butd.train.static_xe import StaticXeObjective
 from butd.train.step import DivergenceGuard
 from butd.train.xe import XeObjective
 
@@ -88,6 +91,7 @@ class Run:
     logger: RunLogger
     guard: DivergenceGuard
     bf16: bool
+    runner: StepRunner  # takes the steps (train.step_runner)
 
     @property
     def out(self) -> Path:
@@ -99,6 +103,7 @@ def prepare_run(cfg: Config, options: TrainOptions, ctx: dist.DistContext) -> Ru
     if options.stage not in STAGES:
         raise ConfigError(f"unknown stage {options.stage!r} (use xe or scst)")
     tc = cfg.train
+    check_step_runner(cfg, ctx, options.stage)
     out = Path(options.output)
     notes = claim_run_dir(out, resume=options.resume) if ctx.is_main else []
     seed_everything(tc.seed + ctx.rank)
@@ -156,12 +161,13 @@ def prepare_run(cfg: Config, options: TrainOptions, ctx: dist.DistContext) -> Ru
         logger.message(note)
     if ctx.is_main:
         save_config(cfg, out / "config.yaml")
+    guard, bf16 = DivergenceGuard(factor=tc.divergence_factor), uses_bf16(ctx.device, tc.precision)
+    runner = build_runner(cfg, ctx, step_fn=step_fn, model=model, optimizer=optimizer, bf16=bf16, guard=guard)
     if resumed is not None:
         _restore_rng(resumed, state, ctx)  # last: nothing below may draw from the RNGs before the first step
     return Run(cfg=cfg, options=options, ctx=ctx, data=data, train_set=train_set,
                val_ids=data.split_ids("val")[: tc.val_max_images or None], model=model, step_fn=step_fn,
-               optimizer=optimizer, state=state, logger=logger, guard=DivergenceGuard(factor=tc.divergence_factor),
-               bf16=uses_bf16(ctx.device, tc.precision))
+               optimizer=optimizer, state=state, logger=logger, guard=guard, bf16=bf16, runner=runner)
 
 
 def seed_everything(seed: int) -> None:
@@ -171,12 +177,15 @@ def seed_everything(seed: int) -> None:
 
 
 def _make_objective(stage: str, model: nn.Module, cfg: Config, data: CaptionData, device: torch.device) -> nn.Module:
+    if stage == "xe" and cfg.train.step_runner != "eager":  # fixed shapes, no host sync
+        return StaticXeObjective(model, label_smoothing=cfg.train.label_smoothing)
     if stage == "xe":
         return XeObjective(model, label_smoothing=cfg.train.label_smoothing, packed=cfg.train.packed_xe)
     reward = CaptionReward.from_caption_data(data, split="train", count_eos=cfg.scst.count_eos,
                                              bleu_weight=cfg.scst.bleu_weight, device=device)
-    return ScstObjective(model, reward, num_samples=cfg.scst.num_samples, baseline=cfg.scst.baseline,
-                         max_length=cfg.scst.max_length, temperature=cfg.scst.temperature)
+    scst = StaticScstObjective if cfg.train.step_runner != "eager" else ScstObjective  # static: samples to full length
+    return scst(model, reward, num_samples=cfg.scst.num_samples, baseline=cfg.scst.baseline,
+                max_length=cfg.scst.max_length, temperature=cfg.scst.temperature)
 
 
 def _load_start(path: Path | None, data: CaptionData, options: TrainOptions, why: str) -> Checkpoint:

@@ -51,6 +51,10 @@ class DivergenceGuard:
         self.level = magnitude if self.level is None else self.decay * self.level + (1 - self.decay) * magnitude
         return False
 
+    def describe(self, loss: float) -> str:
+        """The line that reports ``loss`` as a divergence (the level is the one it was compared with)."""
+        return f"the training loss exploded to {loss:.4g} ({self.factor:g}x its running level {self.level:.4g})"
+
 
 def train_step(step_fn: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, *,
                ss_prob: float, grad_clip: float, bf16: bool, ctx: dist.DistContext,
@@ -66,8 +70,7 @@ def train_step(step_fn: nn.Module, model: nn.Module, optimizer: torch.optim.Opti
     good = dist.all_ranks_true(math.isfinite(values["loss"]), ctx)  # all ranks skip together (DDP all-reduce)
     if good and guard is not None and not dist.all_ranks_true(not guard.exploded(values["loss"]), ctx):
         optimizer.zero_grad(set_to_none=True)
-        raise DivergenceError(f"the training loss exploded to {values['loss']:.4g} "
-                              f"({guard.factor:g}x its running level {guard.level:.4g})")
+        raise DivergenceError(guard.describe(values["loss"]))
     if good:
         output.loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
