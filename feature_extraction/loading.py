@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,14 +98,18 @@ def _device_decodable(data: bytes, max_pixels: int, scale: int, max_size: int) -
 
 def decode_on_device(batch: list[Loaded], device: torch.device, *, max_pixels: int) -> None:
     """Decode the batch's JPEG bytes on ``device`` in place (H x W x 3 RGB uint8 tensors); PIL where it fails."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    with warnings.catch_warnings():  # torchvision >= 0.29 announces a move of its decoders to TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
 
     pending = [entry for entry in batch if entry.jpeg is not None]
     if not pending:
         return
     data = [torch.frombuffer(bytearray(entry.jpeg), dtype=torch.uint8) for entry in pending]
     try:
-        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError as exc:
         log.warning("device JPEG decoding failed for a batch (%s); decoding it with PIL", exc)
         decoded = [None] * len(pending)
