@@ -119,15 +119,14 @@ def check_cell_anchors(anchors: np.ndarray, cfg: DetectorConfig, *, size_major: 
                               f"[{cfg.num_anchors}, 4]")
     kinds = _anchor_kinds(anchors, cfg, source)
     n_scales, n_ratios = len(cfg.anchor_scales), len(cfg.anchor_ratios)
-    ratio_major = [(s, r) for r in range(n_ratios) for s in range(n_scales)]
-    scale_major = [(s, r) for s in range(n_scales) for r in range(n_ratios)]
-    expected, other = (scale_major, ratio_major) if size_major else (ratio_major, scale_major)
-    if kinds == expected:
+    orders = {"ratio-major (Caffe)": [(s, r) for r in range(n_ratios) for s in range(n_scales)],
+              "size-major (detectron2)": [(s, r) for s in range(n_scales) for r in range(n_ratios)]}
+    expected = "size-major (detectron2)" if size_major else "ratio-major (Caffe)"
+    if kinds == orders[expected]:
         return
-    names = {id(ratio_major): "ratio-major (Caffe)", id(scale_major): "size-major (detectron2)"}
-    found = names[id(other)] if kinds == other else "an unknown"
+    found = next((name for name, order in orders.items() if order == kinds), "an unknown")
     raise CheckpointError(
         f"detector weights {source}: the file's anchors ({ANCHORS_KEY}) are in {found} order, but a "
-        f"{Path(source).suffix} file is read with its RPN channels in {names[id(expected)]} order; the objectness "
+        f"{Path(source).suffix} file is read with its RPN channels in {expected} order; the objectness "
         "and box-delta channels would be paired with the wrong anchors. This is not one of the published files "
         "(docs/extraction.md)")
