@@ -1,4 +1,4 @@
-"""Box arithmetic in the legacy Caffe/py-faster-rcnn convention, and the reference region selection.
+"""Box arithmetic in the legacy Caffe/py-faster-rcnn convention: anchors, delta decoding, clipping, NMS.
 
 Boxes are (x1, y1, x2, y2) with *inclusive* pixel corners: a box's width is ``x2 - x1 + 1``. That "+1" is part of the
 anchors, the delta decoding, the size filter and the IoU of the original network, so it is kept everywhere here.
@@ -8,10 +8,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torchvision.ops import nms as _tv_nms
-
-# NMS over more (box, class) pairs than this runs class by class: the single-kernel coordinate trick builds an
-# N x N overlap mask.
-_MAX_PAIRS_PER_NMS = 20_000
 
 
 def generate_anchors(base_size: int, ratios: tuple[float, ...], scales: tuple[float, ...]) -> np.ndarray:
@@ -76,74 +72,3 @@ def nms_legacy(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) 
     shifted = boxes.clone()
     shifted[:, 2:] += 1.0
     return _tv_nms(shifted, scores, iou_threshold)
-
-
-def _batched_nms_legacy(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
-                        iou_threshold: float) -> torch.Tensor:
-    """NMS within each group id: the kept indices (any order)."""
-    if boxes.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    if boxes.shape[0] > _MAX_PAIRS_PER_NMS:
-        kept = [torch.nonzero(groups == g).flatten() for g in torch.unique(groups)]
-        return torch.cat([idx[nms_legacy(boxes[idx], scores[idx], iou_threshold)] for idx in kept])
-    # Offset each group far apart so that one NMS call never compares boxes of different groups; float64 keeps
-    # the offset coordinates exact.
-    shifted = boxes.double()
-    shifted[:, 2:] += 1.0
-    offset = groups.double() * (shifted.max() + 2.0)
-    return _tv_nms(shifted + offset[:, None], scores.double(), iou_threshold)
-
-
-def per_class_max_score(boxes: torch.Tensor, scores: torch.Tensor, nms_thresh: float,
-                        min_score: float) -> torch.Tensor:
-    """For each box, the best score of a class in which it survives that class's NMS; 0 if none.
-
-    ``scores`` is [R, C] (foreground classes only). This is the ``max_conf`` of bottom-up-attention's
-    ``generate_tsv.py`` (NMS per class over the same boxes), but it is exact only where the result is >= ``min_score``:
-    only (box, class) pairs scoring >= ``min_score`` enter NMS, and a lower pair can never suppress a higher one.
-    Boxes below ``min_score`` get 0.
-    """
-    rows, cols = torch.nonzero(scores >= min_score, as_tuple=True)
-    best = torch.zeros(scores.shape[0], dtype=scores.dtype, device=scores.device)
-    if rows.numel() == 0:
-        return best
-    pair_scores = scores[rows, cols]
-    keep = _batched_nms_legacy(boxes[rows], pair_scores, cols, nms_thresh)
-    return best.scatter_reduce(0, rows[keep], pair_scores[keep], reduce="amax")
-
-
-def select_regions(boxes: torch.Tensor, scores: torch.Tensor, *, nms_thresh: float, conf_thresh: float,
-                   min_boxes: int, max_boxes: int) -> torch.Tensor:
-    """Indices of the regions bottom-up-attention keeps for one image (``generate_tsv.py``'s rule).
-
-    A region's confidence is its best per-class-NMS-surviving class score (see :func:`per_class_max_score`).
-    Regions with confidence >= ``conf_thresh`` are kept; if fewer than ``min_boxes``, the ``min_boxes`` most
-    confident are taken regardless of the threshold; if more than ``max_boxes``, the ``max_boxes`` most
-    confident. Ties are broken by region index. ``boxes`` [R, 4] and ``scores`` [R, C] (foreground classes).
-    """
-    num = boxes.shape[0]
-    conf = per_class_max_score(boxes, scores, nms_thresh, conf_thresh)
-    above = torch.nonzero(conf >= conf_thresh).flatten()
-    if min_boxes <= above.numel() <= max_boxes:
-        return above
-    if above.numel() > max_boxes:
-        return _top(conf, max_boxes)
-    # Too few confident regions: lower the pair threshold until the top ``min_boxes`` confidences are certain
-    # (every confidence >= the current threshold is exact), ending with all pairs if needed.
-    want = min(min_boxes, num)
-    flat = scores.flatten()
-    pairs = max(4096, 4 * int((flat >= conf_thresh).sum()))
-    while True:
-        if pairs >= flat.numel():
-            return _top(per_class_max_score(boxes, scores, nms_thresh, float("-inf")), want)
-        threshold = float(torch.topk(flat, pairs).values[-1])
-        conf = per_class_max_score(boxes, scores, nms_thresh, threshold)
-        if int((conf >= threshold).sum()) >= want:
-            return _top(conf, want)
-        pairs *= 4
-
-
-def _top(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest values, ties by lower index (a stable descending sort)."""
-    order = torch.sort(values, descending=True, stable=True).indices
-    return order[:k]

@@ -12,50 +12,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from butd.data.store import FeatureRecord, FeatureWriter
+from butd.errors import ConfigError
 from feature_extraction.detector import BottomUpDetector, BoxPolicy
-from feature_extraction.images import DEFAULT_MAX_PIXELS, ImageError, check_resizable, load_image
+from feature_extraction.images import DEFAULT_MAX_PIXELS
+from feature_extraction.loading import DECODERS, ImageDataset, Loaded, decode_on_device, make_loader
+from feature_extraction.precision import DEFAULT_MODE, resolve_mode
+from feature_extraction.published import boxes_warning
 from feature_extraction.sources import Failure, FailureLog, ImageItem, list_images, shard
+from feature_extraction.writing import BackgroundWriter
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Loaded:
-    """A decoded image, or why it could not be decoded."""
-
-    item: ImageItem
-    image: np.ndarray | None
-    reason: str | None
-
-
-class ImageDataset(Dataset):
-    """Decodes images in DataLoader workers; a bad image becomes a ``Loaded`` with a reason, never an exception."""
-
-    def __init__(self, items: list[ImageItem], *, max_pixels: int, scale: int, max_size: int) -> None:
-        self.items, self.max_pixels, self.scale, self.max_size = items, max_pixels, scale, max_size
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> Loaded:
-        item = self.items[index]
-        try:
-            image = load_image(item.path, max_pixels=self.max_pixels)
-            check_resizable(image.shape[0], image.shape[1], scale=self.scale, max_size=self.max_size,
-                            source=str(item.path))
-        except ImageError as exc:
-            return Loaded(item, None, exc.reason)
-        return Loaded(item, image, None)
-
-
-def _collate(batch: list[Loaded]) -> list[Loaded]:
-    return batch
+# At most this many extracted images are uncommitted at any time (what a kill loses): a few seconds of GPU work,
+# while commits (one fsync each) run on the writer thread and never hold the detector up.
+DEFAULT_COMMIT_EVERY = 64
 
 
 @dataclass
@@ -76,40 +50,61 @@ class ExtractionStats:
 
 def extract_images(items: list[ImageItem], detector: BottomUpDetector, writer: FeatureWriter, *,
                    policy: BoxPolicy, failures: FailureLog, batch_size: int = 8, num_workers: int = 4,
-                   max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> ExtractionStats:
+                   max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True,
+                   commit_every: int = DEFAULT_COMMIT_EVERY, decode: str = "workers",
+                   background_writes: bool = True) -> ExtractionStats:
     """Extract ``items`` (none may be in ``writer`` yet) in order, batch by batch, into ``writer``.
 
-    Bad images are added to ``failures`` and skipped. Returns counts and the wall time of the loop.
+    Bad images are added to ``failures`` and skipped. At most ``commit_every`` extracted images are ever
+    uncommitted (what a kill can lose). ``decode`` is "workers" (PIL in the DataLoader workers) or "device"
+    (JPEGs decoded on the detector's device, see loading.py); ``background_writes`` moves encoding and commits to a
+    thread (same records). Returns counts and the wall time of the loop.
     """
+    if decode not in DECODERS:
+        raise ConfigError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")
     cfg = detector.config
-    dataset = ImageDataset(items, max_pixels=max_pixels, scale=cfg.test_scale, max_size=cfg.test_max_size)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate, prefetch_factor=4 if num_workers > 0 else None)
+    dataset = ImageDataset(items, max_pixels=max_pixels, scale=cfg.test_scale, max_size=cfg.test_max_size,
+                           decode=decode)
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers)
     stats = ExtractionStats(listed=len(items))
     start = time.perf_counter()
-    with tqdm(total=len(items), unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in loader:
-            good = [entry for entry in batch if entry.image is not None]
-            for entry in batch:
-                if entry.image is None:
-                    _fail(failures, stats, entry.item, entry.reason)
-            detections = detector.detect([entry.image for entry in good], boxes=policy) if good else []
-            for entry, det in zip(good, detections):
-                if det.num_boxes == 0:
-                    _fail(failures, stats, entry.item, "the detector found no regions")
-                    continue
-                writer.put(FeatureRecord(image_id=entry.item.image_id, features=det.features, boxes=det.boxes,
-                                         image_w=det.image_w, image_h=det.image_h, object_ids=det.object_ids,
-                                         object_conf=det.object_conf, attr_ids=det.attr_ids,
-                                         attr_conf=det.attr_conf))
-                stats.extracted += 1
-            bar.update(len(batch))
-            if stats.failed:
-                bar.set_postfix(failed=stats.failed)
+    sink = BackgroundWriter(writer, max_uncommitted=commit_every, threaded=background_writes)
+    try:
+        with tqdm(total=len(items), unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            for batch in loader:
+                if decode == "device":
+                    decode_on_device(batch, detector.device, max_pixels=max_pixels)
+                _extract_batch(batch, detector, sink, policy, failures, stats)
+                bar.update(len(batch))
+                if stats.failed:
+                    bar.set_postfix(failed=stats.failed)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
     if detector.device.type == "cuda":
         torch.cuda.synchronize(detector.device)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _extract_batch(batch: list[Loaded], detector: BottomUpDetector, sink: BackgroundWriter, policy: BoxPolicy,
+                   failures: FailureLog, stats: ExtractionStats) -> None:
+    good = [entry for entry in batch if entry.image is not None]
+    for entry in batch:
+        if entry.image is None:
+            _fail(failures, stats, entry.item, entry.reason)
+    detections = detector.detect([entry.image for entry in good], boxes=policy) if good else []
+    records = []
+    for entry, det in zip(good, detections):
+        if det.num_boxes == 0:
+            _fail(failures, stats, entry.item, "the detector found no regions")
+            continue
+        records.append(FeatureRecord(image_id=entry.item.image_id, features=det.features, boxes=det.boxes,
+                                     image_w=det.image_w, image_h=det.image_h, object_ids=det.object_ids,
+                                     object_conf=det.object_conf, attr_ids=det.attr_ids, attr_conf=det.attr_conf))
+    sink.put_batch(records)
+    stats.extracted += len(records)
 
 
 def _fail(failures: FailureLog, stats: ExtractionStats, item: ImageItem, reason: str) -> None:
@@ -130,14 +125,17 @@ class ExtractionConfig:
     shard: tuple[int, int] = (0, 1)
     device: str = "cuda"
     num_workers: int = 4
-    precision: str = "bf16"
-    dtype: str = "float16"
+    mode: str = DEFAULT_MODE  # "reference" or "fast" (precision.py)
+    precision: str | None = None  # overrides the mode's compute precision
+    dtype: str | None = None  # overrides the mode's stored feature dtype
     failures: Path | None = None  # default: OUTPUT.failures.jsonl
     max_pixels: int = DEFAULT_MAX_PIXELS
     retry_failed: bool = False
     small: bool = False  # the reduced random network (tests)
     progress: bool = True
-    commit_every: int = 256
+    commit_every: int = DEFAULT_COMMIT_EVERY
+    decode: str = "workers"  # or "device" (loading.py)
+    channels_last: bool | None = None  # default: on CUDA only
 
     @property
     def failures_path(self) -> Path:
@@ -150,14 +148,20 @@ def run_extraction(config: ExtractionConfig, *, detector: BottomUpDetector | Non
     ``detector`` overrides the one ``config`` describes (weights, device, precision), e.g. a prebuilt network.
     """
     policy = BoxPolicy.parse(config.boxes)
+    mode = resolve_mode(config.mode, precision=config.precision, dtype=config.dtype)
+    if config.commit_every < 1:
+        raise ConfigError(f"--commit-every must be >= 1, got {config.commit_every}")
+    warning = boxes_warning(config.weights, str(policy))
+    if warning:
+        log.warning("%s", warning)
     items = shard(list_images(config.images), *config.shard)
     failures = FailureLog(config.failures_path)
     if config.retry_failed:
         failures.forget({item.image_id for item in items})
     if detector is None:
         detector = BottomUpDetector.from_weights(config.weights, device=config.device, small=config.small,
-                                                 precision=config.precision)
-    with FeatureWriter(config.output, dtype=config.dtype, commit_every=config.commit_every) as writer:
+                                                 precision=mode.precision, channels_last=config.channels_last)
+    with FeatureWriter(config.output, dtype=mode.dtype, commit_every=config.commit_every) as writer:
         missing = [item for item in items if item.image_id not in writer]
         todo = [item for item in missing if item.image_id not in failures.previous]
         done, skipped = len(items) - len(missing), len(missing) - len(todo)
@@ -166,6 +170,7 @@ def run_extraction(config: ExtractionConfig, *, detector: BottomUpDetector | Non
                  done, skipped, len(todo))
         stats = extract_images(todo, detector, writer, policy=policy, failures=failures,
                                batch_size=config.batch_size, num_workers=config.num_workers,
-                               max_pixels=config.max_pixels, progress=config.progress)
+                               max_pixels=config.max_pixels, progress=config.progress,
+                               commit_every=config.commit_every, decode=config.decode)
     stats.listed, stats.already_done, stats.previously_failed = len(items), done, skipped
     return stats

@@ -64,7 +64,9 @@ class Res5ROIHeads(nn.Module):
         cfg = self.cfg
         index = torch.cat([torch.full((p.shape[0], 1), float(i), device=p.device) for i, p in enumerate(proposals)])
         rois = torch.cat([index, torch.cat(proposals)], dim=1)
-        grid = roi_pool(features, rois, (cfg.pooler_resolution, cfg.pooler_resolution), 1.0 / cfg.feat_stride)
+        # float32 pooling (what torchvision's CUDA autocast does too): the ROI corners must not be rounded to bf16.
+        size = (cfg.pooler_resolution, cfg.pooler_resolution)
+        grid = roi_pool(features.float(), rois, size, 1.0 / cfg.feat_stride)
         grid = run_stage(self.res5, grid.to(features.dtype), None, None)
         pooled = grid.mean(dim=(2, 3), dtype=torch.float32)
         class_logits, attr_logits = self.box_predictor(pooled)

@@ -56,16 +56,20 @@ class ProposalGenerator(nn.Module):
         proposals = decode_deltas(deltas, anchors.unsqueeze(0), cfg.bbox_reg_weights, cfg.bbox_scale_clamp)
         cell_y = torch.arange(height, device=logits.device).repeat_interleave(width * anchors_per_cell)
         cell_x = torch.arange(width, device=logits.device).repeat_interleave(anchors_per_cell).repeat(height)
-        results = []
+        chosen_boxes, chosen_scores = [], []
         for i in range(batch):
             (img_h, img_w), (feat_h, feat_w) = image_sizes[i], feature_sizes[i]
             boxes = clip_boxes(proposals[i], img_h, img_w)
             min_size = cfg.rpn_min_size * scales[i]
             valid = ((cell_y < feat_h) & (cell_x < feat_w)
                      & (boxes[:, 2] - boxes[:, 0] + 1 >= min_size) & (boxes[:, 3] - boxes[:, 1] + 1 >= min_size))
+            # Invalid anchors score -inf instead of being dropped (dropping needs their count on the host): NMS
+            # visits them after every valid one, so they never suppress a valid proposal, and they are cut below.
             scores = logits[i].masked_fill(~valid, float("-inf"))
-            k = min(cfg.rpn_pre_nms_topk, int(valid.sum()))
-            top = torch.topk(scores, k).indices
+            top = torch.topk(scores, min(cfg.rpn_pre_nms_topk, scores.numel())).indices
             keep = nms_legacy(boxes[top], scores[top], cfg.rpn_nms_thresh)[: cfg.rpn_post_nms_topk]
-            results.append(boxes[top[keep]])
-        return results
+            chosen_boxes.append(boxes[top[keep]])
+            chosen_scores.append(scores[top[keep]])
+        # NMS returns by decreasing score, so each image's valid proposals come first: one transfer for all counts.
+        counts = torch.stack([torch.isfinite(s).sum() for s in chosen_scores]).tolist()
+        return [b[:n] for b, n in zip(chosen_boxes, counts)]

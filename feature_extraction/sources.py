@@ -104,27 +104,42 @@ class FailureLog:
     """Append-only JSON-lines file of failed images (one object per line: path, id, reason).
 
     Lines already in the file are read on open: a restarted run skips those images (their failure is
-    deterministic) unless they are retried.
+    deterministic) unless they are retried. A last line cut short (a run killed mid-write, a full disk) is dropped
+    with a warning and the file is repaired at once, so that the next failure is not appended to the fragment.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.previous: dict[int, Failure] = {}
         if self.path.is_file():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            for number, line in enumerate(lines, start=1):
+            self._read()
+        self.new: list[Failure] = []
+
+    def _read(self) -> None:
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        complete = lines[:-1] if data.endswith(b"\n") else lines
+        repaired = False
+        for number, raw in enumerate(complete, start=1):
+            try:
+                line = raw.decode("utf-8")
                 if not line.strip():
                     continue
-                try:
-                    d = json.loads(line)
-                    failure = Failure(str(d["path"]), int(d["id"]), str(d["reason"]))
-                except (ValueError, KeyError, TypeError):
-                    if number == len(lines):  # a line cut short by a killed run
-                        log.warning("%s:%d: ignoring an incomplete last line", self.path, number)
-                        continue
-                    raise DataError(f"{self.path}:{number}: not a failure record: {line!r}") from None
-                self.previous[failure.image_id] = failure
-        self.new: list[Failure] = []
+                d = json.loads(line)
+                failure = Failure(str(d["path"]), int(d["id"]), str(d["reason"]))
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                if number == len(complete):  # a line cut short by a killed run
+                    log.warning("%s:%d: dropping an incomplete last line (%r) and repairing the file", self.path,
+                                number, raw[:80])
+                    write_atomic(self.path, b"".join(line + b"\n" for line in complete[:-1]))
+                    repaired = True
+                    continue
+                raise DataError(f"{self.path}:{number}: not a failure record: {raw!r}; fix or delete the line")
+            self.previous[failure.image_id] = failure
+        if data and not data.endswith(b"\n") and not repaired:
+            # The last record is whole but lost its newline: add it, or the next record would join its line.
+            with self.path.open("ab") as f:
+                f.write(b"\n")
 
     def add(self, failure: Failure) -> None:
         """Record a failure (flushed at once, so it survives a killed run)."""

@@ -1,4 +1,4 @@
-"""Reading and writing the two published checkpoints of the bottom-up detector, by parameter name.
+"""Reading and writing the two published layouts of the bottom-up detector's weights, by parameter name.
 
 * ``.pkl`` -- py-bottom-up-attention's ``faster_rcnn_from_caffe_attr.pkl``: a pickle of ``{"model": {name: numpy
   array}}`` in detectron2 layout. It puts background *last* (classes 0..1599 then background; attributes 0..399 then
@@ -12,6 +12,10 @@
 Both are mapped onto this package's module (Caffe class order, one objectness logit, Caffe anchor order). Reading a
 pickle cannot be avoided for the ``.pkl`` format; it is restricted to numpy's array reconstruction (anything else in
 the file is refused before it can run).
+
+Either file may carry the anchor generator's buffer ``proposal_generator.anchor_generator.cell_anchors.0`` [12, 4].
+It holds no weights, but it says in which order the file's RPN channels are: it is checked against the order the
+conversion assumes (see :func:`check_cell_anchors`) and then dropped. Any other unexpected key is an error.
 """
 from __future__ import annotations
 
@@ -33,12 +37,18 @@ _PRED = "roi_heads.box_predictor."
 # bottom-up-attention.pytorch names of the attribute head -> ours (= py-bottom-up-attention's = the Caffe layers').
 _BUA_NAMES = {f"{_PRED}cls_embed.": f"{_PRED}cls_embedding.", f"{_PRED}attr_linear1.": f"{_PRED}fc_attr.",
               f"{_PRED}attr_linear2.": f"{_PRED}attr_score."}
-# Keys a checkpoint may carry that hold no weights.
+# Keys a weights file may carry that hold no weights.
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 
+# Where users are sent when their weights file is missing or wrong.
+GET_WEIGHTS_HINT = ("docs/extraction.md lists the published files and where to download them; 'random' "
+                    "(--weights random, --detector random) builds an untrained network for tests")
+
+
 class CheckpointError(DataError):
-    """A checkpoint that does not fit the detector: unreadable, unsafe, or with missing/unexpected/misshapen keys."""
+    """Detector weights that do not fit the detector: unreadable, unsafe, or with missing/unexpected/misshapen
+    keys."""
 
 
 def checkpoint_format(path: str | Path) -> str:
@@ -48,8 +58,8 @@ def checkpoint_format(path: str | Path) -> str:
         return PKL
     if suffix in (".pth", ".pt"):
         return PTH
-    raise ConfigError(f"{path}: unknown checkpoint type {suffix!r}; expected a .pkl (py-bottom-up-attention) or "
-                      ".pth (bottom-up-attention.pytorch) file, or 'random'")
+    raise ConfigError(f"detector weights {path}: unknown file type {suffix!r}; expected a .pkl "
+                      f"(py-bottom-up-attention) or .pth (bottom-up-attention.pytorch) file ({GET_WEIGHTS_HINT})")
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -73,16 +83,17 @@ def _unwrap(obj: object, path: Path) -> dict:
     elif isinstance(obj, dict) and isinstance(obj.get("blobs"), dict):
         obj = obj["blobs"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
-        raise CheckpointError(f"{path}: expected a mapping of parameter names to arrays")
+        raise CheckpointError(f"detector weights {path}: expected a mapping of parameter names to arrays "
+                              f"({GET_WEIGHTS_HINT})")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
-    """The raw ``{name: array}`` of a checkpoint file, in the file's own layout."""
+    """The raw ``{name: array}`` of a weights file, in the file's own layout."""
     path = Path(path)
     fmt = checkpoint_format(path)
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist")
+        raise ConfigError(f"detector weights {path} not found ({GET_WEIGHTS_HINT})")
     try:
         if fmt == PKL:
             with path.open("rb") as f:
@@ -92,7 +103,8 @@ def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable {fmt} checkpoint ({exc})") from None
+        raise CheckpointError(f"detector weights {path}: unreadable {fmt} file ({exc}); download it again "
+                              "(docs/extraction.md)") from None
     state = _unwrap(obj, path)
     arrays = {}
     for name, value in state.items():
@@ -198,27 +210,39 @@ def apply_state(model: nn.Module, state: dict[str, np.ndarray], *, source: str) 
     if missing or unexpected or misshapen:
         problems = [f"{label} ({len(names)}): {_limited(names)}" for label, names in
                     (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshapen)) if names]
-        raise CheckpointError(f"{source} does not match the detector: " + "; ".join(problems))
+        raise CheckpointError(f"detector weights {source} do not match the network: " + "; ".join(problems)
+                              + f" ({GET_WEIGHTS_HINT})")
     tensors = {k: torch.as_tensor(np.asarray(v), dtype=expected[k].dtype) for k, v in state.items()}
     model.load_state_dict(tensors, strict=True)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a published checkpoint (.pkl or .pth) into ``model`` by parameter name."""
+    """Load published weights (.pkl or .pth) into ``model`` by parameter name; an anchors buffer in the file is
+    checked against the anchor order of its layout, then dropped."""
+    from feature_extraction.published import ANCHORS_KEY, check_cell_anchors  # published imports this module
+
     path = Path(path)
     raw = read_checkpoint(path)
     cfg = model.config
-    state = _from_d2(raw, cfg) if checkpoint_format(path) == PKL else _from_bua(raw, cfg)
+    fmt = checkpoint_format(path)
+    anchors = raw.pop(ANCHORS_KEY, None)
+    if anchors is not None:
+        check_cell_anchors(anchors, cfg, size_major=fmt == PKL, source=str(path))
+    state = _from_d2(raw, cfg) if fmt == PKL else _from_bua(raw, cfg)
     apply_state(model, state, source=str(path))
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
     """Write ``model``'s weights as a .pkl (py-bottom-up-attention layout) or .pth (bottom-up-attention.pytorch
-    layout), chosen by the suffix; the file is replaced atomically."""
+    layout), chosen by the suffix, with the anchors buffer; the file is replaced atomically."""
+    from feature_extraction.published import ANCHORS_KEY, caffe_cell_anchors, detectron2_cell_anchors
+
     path = Path(path)
     fmt = checkpoint_format(path)
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     raw = _to_d2(state, model.config) if fmt == PKL else _to_bua(state, model.config)
+    # Like the published files, carry the anchor generator's buffer in the layout's own anchor order.
+    raw[ANCHORS_KEY] = (detectron2_cell_anchors if fmt == PKL else caffe_cell_anchors)(model.config)
 
     def write(tmp: Path) -> None:
         if fmt == PKL:

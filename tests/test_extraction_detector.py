@@ -50,7 +50,6 @@ def check_detections(det: Detections, image: np.ndarray, feature_dim: int) -> No
     assert det.object_ids.min() >= 0 and det.object_ids.max() < 1600
     assert det.attr_ids.min() >= 0 and det.attr_ids.max() < 400
     assert ((det.object_conf > 0) & (det.object_conf <= 1)).all() and ((det.attr_conf > 0) & (det.attr_conf <= 1)).all()
-    assert (np.diff(det.object_conf) <= 0).all(), "regions are ordered by object confidence"
 
 
 def test_vocabularies_match_the_classifier(detector):

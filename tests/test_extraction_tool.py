@@ -82,7 +82,8 @@ def test_records_hold_the_detections(uninterrupted):
     assert sorted(uninterrupted) == [126107, 165518, 183709, 273052]
     record = uninterrupted[273052]
     assert (record.image_w, record.image_h) == (500, 334)
-    assert record.features.dtype == np.float16 and record.features.shape == (10, 128)
+    # The default reference mode stores float32, like the published features.
+    assert record.features.dtype == np.float32 and record.features.shape == (10, 128)
     assert record.object_ids.max() < 1600 and record.attr_ids.max() < 400
 
 
@@ -209,3 +210,21 @@ def test_cli_skips_and_logs_bad_images_and_strict_fails(image_dir, tmp_path, cap
     assert load_tool("merge_features").main(["--inputs", str(out), "--output", str(tmp_path / "copy.lmdb"),
                                              "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["written"] == 1
+
+
+def test_cli_modes_and_options(image_dir, tmp_path, capsys):
+    tool = load_tool("extract_features")
+    out = tmp_path / "fast.lmdb"
+    base = ["--images", str(image_dir), "--weights", "random", "--small", "--device", "cpu", "--num-workers", "0",
+            "--no-progress", "--batch-size", "2"]
+    assert tool.main(base + ["--output", str(out), "--mode", "fast", "--commit-every", "1", "--decode", "device",
+                             "--no-channels-last"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["extracted"] == 4
+    with FeatureStore(out) as store:
+        assert store.dtype == np.float16  # the fast mode's storage
+    assert tool.main(base + ["--output", str(tmp_path / "f32.lmdb"), "--mode", "fast", "--dtype", "float32"]) == 0
+    with FeatureStore(tmp_path / "f32.lmdb") as store:
+        assert store.dtype == np.float32
+    capsys.readouterr()
+    assert tool.main(base + ["--output", str(tmp_path / "x.lmdb"), "--commit-every", "0"]) == 2
+    assert "--commit-every must be >= 1" in capsys.readouterr().err

@@ -113,14 +113,18 @@ def test_a_pickle_with_anything_but_arrays_is_refused_unexecuted(tmp_path):
     assert not marker.exists()
 
 
-def test_unreadable_and_unknown_checkpoints(tmp_path):
+def test_unreadable_and_unknown_weights_files(tmp_path):
     (tmp_path / "broken.pkl").write_bytes(b"\x80\x04not a pickle")
     with pytest.raises(CheckpointError, match="unreadable"):
         read_checkpoint(tmp_path / "broken.pkl")
-    with pytest.raises(ConfigError, match="unknown checkpoint type"):
+    with pytest.raises(ConfigError, match="unknown file type"):
         read_checkpoint(tmp_path / "weights.h5")
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="not found") as err:
         BottomUpDetector.from_weights(str(tmp_path / "missing.pkl"))
+    # Detector weights are "weights" (a "checkpoint" is the captioner's), and the message says where to get them.
+    message = str(err.value)
+    assert "detector weights" in message and "checkpoint" not in message
+    assert "docs/extraction.md" in message and "--detector random" in message
 
 
 def test_random_weights_are_seeded_and_announced(caplog):
