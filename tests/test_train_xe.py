@@ -71,7 +71,11 @@ def test_xe_loss_is_the_mean_token_cross_entropy(tiny):
     # Scheduled sampling with a vanishing probability feeds the same words as teacher forcing.
     sampled = XeObjective(model, label_smoothing=0.1)(batch, ss_prob=1e-12)
     assert torch.allclose(sampled.loss, out.loss, atol=1e-6)
-    assert not torch.allclose(XeObjective(model)(batch, ss_prob=1.0).loss, XeObjective(model)(batch).loss)
+    # With probability 1 the model is fed its own samples, so the loss is computed on other inputs. A random model's
+    # loss is near log V whatever it is fed (closeness would be a near-tie), but it differs in its bits unless every
+    # one of the ~80 sampled words equals the reference word.
+    fed, forced = XeObjective(model)(batch, ss_prob=1.0).loss, XeObjective(model)(batch).loss
+    assert float(fed) != float(forced)
 
 
 def test_schedules():
