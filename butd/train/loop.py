@@ -234,7 +234,8 @@ def _make_objective(stage: str, model: nn.Module, cfg: Config, data: CaptionData
     reward = CaptionReward.from_caption_data(data, split="train", count_eos=cfg.scst.count_eos,
                                              bleu_weight=cfg.scst.bleu_weight, device=device)
     return ScstObjective(model, reward, num_samples=cfg.scst.num_samples, baseline=cfg.scst.baseline,
-                         max_length=cfg.scst.max_length, temperature=cfg.scst.temperature)
+                         max_length=cfg.scst.max_length, temperature=cfg.scst.temperature,
+                         suppress_unk=cfg.scst.suppress_unk)
 
 
 def _load_start(path: Path | None, data: CaptionData, options: TrainOptions, why: str) -> dict[str, Any]:
