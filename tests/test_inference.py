@@ -76,7 +76,8 @@ def test_greedy_matches_the_decoder_on_one_unpadded_image(store, vocab, model):
         mask = torch.ones(1, record.num_boxes, dtype=torch.bool)
         regions = model.encode(torch.from_numpy(record.features)[None], mask, torch.from_numpy(record.boxes)[None],
                                torch.tensor([[64.0, 48.0]]))
-        direct = greedy_decode(model, regions, max_length=7)
+        direct = greedy_decode(model, regions, max_length=7, suppress_unk=True, decoding_constraint=True,
+                               block_trigrams=True)  # DecodeOptions' default rules
     assert results[IMAGE_IDS[3]].caption == vocab.decode(direct.tokens[0].tolist())
     assert results[IMAGE_IDS[3]].alternatives == []
 

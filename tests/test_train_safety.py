@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from butd.config import load_config
+from butd.core.checkpoint import load_checkpoint
 from butd.data.captions import CaptionData, write_data_dir
 from butd.errors import ConfigError, DataError
 from butd.train import loop
@@ -172,3 +173,50 @@ def test_a_data_dir_without_val_images_is_refused_before_training(tiny, tmp_path
     with pytest.raises(DataError, match=r"no_val: the val split has no images"):
         train(tiny_config(), TrainOptions(stage="xe", data_dir=no_val, features=tiny[1], output=tmp_path / "r"))
     assert not (tmp_path / "r").exists()
+
+
+def test_the_demo_resumes_an_interrupted_stage_and_skips_a_finished_one(tiny, tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_tool", ROOT / "tools" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    run = tmp_path / "run"
+    args, finished = demo.train_args(run, ["--config", "c.yaml"], ["--data", "d"], "xe")
+    assert not finished and args[-2:] == ["--output", str(run)] and "--resume" not in args
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(path, payload):
+        real_save(path, payload)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config("train.max_epochs=2"), options(tiny, run))
+    monkeypatch.undo()
+    args, finished = demo.train_args(run, ["--config", "c.yaml"], ["--data", "d"], "xe")
+    assert not finished and args[1:3] == ["--resume", str(run)] and "--config" not in args
+    assert not (run / "best.pt").exists()  # killed after last.pt, before best.pt
+    train(load_config(run / "config.yaml"), options(tiny, run, resume=True))
+    assert demo.train_args(run, ["--config", "c.yaml"], ["--data", "d"], "xe")[1] is True
+    assert (run / "best.pt").is_file()  # restored from last.pt at the resume, or written by the second epoch
+
+
+def test_a_kill_between_last_and_best_loses_no_best_model(tiny, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(path, payload):
+        real_save(path, payload)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config("train.max_epochs=1"), options(tiny, run))
+    monkeypatch.undo()
+    assert (run / "last.pt").is_file() and not (run / "best.pt").exists()
+    train(load_config(run / "config.yaml"), options(tiny, run, resume=True))  # nothing left to train
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert (best["epoch"], best["iteration"], best["best_score"]) == (last["epoch"], last["iteration"],
+                                                                       last["best_score"])
+    assert all(torch.equal(best["model"][k], v) for k, v in last["model"].items())

@@ -13,7 +13,7 @@ from butd.config import load_config
 from butd.data.captions import CaptionData, tokenize
 from butd.data.dataset import CaptionDataset, build_loader
 from butd.data.store import FeatureStore
-from butd.decoding import greedy_decode
+from butd.decoding import DecodeOptions, greedy_decode
 from butd.inference import decode_images
 from butd.metrics import CiderD
 from butd.core.checkpoint import load_checkpoint
@@ -115,7 +115,7 @@ def test_greedy_baseline_is_the_reward_of_the_eval_mode_greedy_caption(tiny_xe):
     assert model.training  # restored after the eval-mode greedy pass
     model.eval()
     with torch.no_grad():
-        greedy = greedy_decode(model, model.encode(batch.features, batch.region_mask), max_length=8)
+        greedy = greedy_decode(model, model.encode(batch.features, batch.region_mask), max_length=8, suppress_unk=True)
     assert out.stats["baseline"].item() == pytest.approx(reward(batch.image_ids, greedy.tokens).mean().item())
     assert 0.0 <= out.stats["frac_better"].item() <= 1.0
 
@@ -172,7 +172,13 @@ def proxy_config(*overrides: str):
         "model.rnn_size=96", "model.att_hid_size=48", "model.input_encoding_size=96", "model.dropout=0.1",
         "data.num_workers=0", "data.max_boxes=12", "train.batch_size=10", "train.device=cpu",
         "train.tensorboard=false", "train.log_every=5", "train.lr_decay_every=0", "train.seed=0",
-        "eval.batch_size=100", *overrides])
+        "eval.batch_size=100", *RAW_DECODING, *overrides])
+
+
+# The raw policy, as sampled and decoded before the decoding rules: this test is about SCST's optimisation (its
+# gain here is mostly unlearning <unk>, which suppression in decoding gives for free; docs/training.md).
+RAW_DECODING = ("scst.suppress_unk=false", "eval.suppress_unk=false", "eval.decoding_constraint=false",
+                "eval.block_trigrams=false")
 
 
 def split_cider(run: Path, options: TrainOptions) -> float:
@@ -181,6 +187,7 @@ def split_cider(run: Path, options: TrainOptions) -> float:
     loaded = load_model(run / "best.pt")
     ids = [int(i) for i in data.split_ids("test")]
     results = decode_images(loaded.model, FeatureStore(options.features), ids, data.vocab,
+                            options=DecodeOptions.from_config(loaded.config.eval).with_overrides(beam_size=1),
                             max_boxes=loaded.config.data.max_boxes)
     gts = {i: [" ".join(tokenize(r)) for r in data.references(i)] for i in ids}
     return CiderD().compute_score(gts, {i: [results[i].caption] for i in ids})[0]

@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from butd.core.threads import configure_threads
 from butd.errors import ButdError
 from butd.evaluate import (EvalSettings, Evaluation, caption_image_info, evaluate_results_file, evaluate_split,
                            format_leaderboard)
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     model.add_argument("--precision", default="fp32", choices=PRECISIONS,
                        help="fp32 (default, reference numbers) or bf16 autocast on CUDA (auto: bf16 on CUDA)")
+    model.add_argument("--threads", type=int, help="CPU threads for torch (default: $BUTD_THREADS, else the physical "
+                                                   "cores)")
     model.add_argument("--alg", help="algorithm name in the result file name (default: <model>-<stage>)")
     scoring = parser.add_argument_group("scoring (modes 1 and 3)")
     scoring.add_argument("--results", type=Path, help="existing COCO result file to score (mode 3)")
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     check_set(parser, args)
     settings = EvalSettings(overrides=eval_overrides(args), device=args.device, precision=args.precision)
     try:
+        configure_threads(args.threads)
         if mode == "results":
             evaluation = evaluate_results_file(args.results, references=args.references, output_dir=args.output,
                                                spice_jars=args.spice_jars)

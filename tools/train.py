@@ -21,6 +21,7 @@ from pathlib import Path
 
 from butd.config import load_config
 from butd.core.files import write_atomic
+from butd.core.threads import configure_threads
 from butd.errors import ButdError, ConfigError
 from butd.train.distributed import teardown_distributed
 from butd.train.loop import TrainOptions, train
@@ -35,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, help="RUN_DIR for config.yaml, checkpoints and logs")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     p.add_argument("--init", type=Path, metavar="CHECKPOINT", help="start from these weights (SCST: XE best.pt)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: $BUTD_THREADS, else the physical "
+                                               "cores less one per data.num_workers process)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     args = p.parse_args(argv)
     if args.resume:
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config_path = args.config
         cfg = load_config(config_path, args.overrides)
+        configure_threads(args.threads, workers=cfg.data.num_workers)
         result = train(cfg, TrainOptions(stage=args.stage, data_dir=args.data, features=args.features,
                                          output=args.output, resume=bool(args.resume), init=args.init))
     except ButdError as error:

@@ -79,6 +79,7 @@ class ScstConfig:
     temperature: float = 1.0  # sampling temperature
     bleu_weight: float = 0.0  # reward = CIDEr-D + bleu_weight * BLEU-4
     count_eos: bool = True  # the end token counts as a word in the CIDEr-D reward (see docs/formats.md)
+    suppress_unk: bool = True  # samples (and the greedy baseline) never contain <unk>
 
 
 @dataclass
@@ -87,7 +88,9 @@ class EvalConfig:
     max_length: int = 16  # maximum decoded caption length
     min_length: int = 1  # no <eos> before this many words (1: never an empty caption)
     length_penalty: float = 0.0  # beam score / length**length_penalty (0: off)
-    block_trigrams: bool = False  # forbid a beam from repeating a trigram
+    block_trigrams: bool = True  # forbid a caption (greedy) or beam from repeating a trigram (see docs/evaluation.md)
+    suppress_unk: bool = True  # never emit <unk> (false: the raw model's choice; see docs/evaluation.md)
+    decoding_constraint: bool = True  # forbid the same word twice in a row (see docs/evaluation.md)
     batch_size: int = 100  # images per decoding batch
 
 

@@ -4,25 +4,12 @@ from __future__ import annotations
 import torch
 
 from butd.core.tokens import BOS, EOS, PAD
-from butd.decoding.common import (StepModel, every_row_ended, forbid_early_eos, next_token_logprobs,
-                                  reorder_state, steps_used)
+from butd.decoding.common import (StepModel, every_row_ended, forbid, forbid_early_eos, forbidden_tokens,
+                                  next_token_logprobs, reorder_state, repeated_trigram_mask, steps_used)
+
+__all__ = ["beam_search", "repeated_trigram_mask"]
 from butd.decoding.result import DecodeOutput
 from butd.models.regions import Regions
-
-
-def repeated_trigram_mask(history: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, K, t] token histories -> [B, K, V] bool, True for the tokens that would complete a
-    trigram the beam already contains (its last two tokens followed by that token earlier)."""
-    batch, beams, length = history.shape
-    banned = torch.zeros(batch, beams, vocab_size, dtype=torch.int32, device=history.device)
-    if length < 3:
-        return banned.bool()
-    last = history[:, :, -2:]  # the bigram a new token would extend
-    # Bigram j is (history[j], history[j+1]) followed by history[j+2], for j < t-2.
-    match = (history[:, :, :-2] == last[:, :, :1]) & (history[:, :, 1:-1] == last[:, :, 1:])
-    # scatter_add (not scatter) because several matches may name the same token.
-    banned.scatter_add_(2, history[:, :, 2:], match.to(torch.int32))
-    return banned > 0
 
 
 @torch.no_grad()
@@ -35,6 +22,8 @@ def beam_search(
     length_penalty: float = 0.0,
     block_trigrams: bool = False,
     min_length: int = 1,
+    suppress_unk: bool = False,
+    decoding_constraint: bool = False,
 ) -> DecodeOutput:
     """Beam search over every image of ``regions`` at once.
 
@@ -45,7 +34,8 @@ def beam_search(
     ``length_penalty`` alpha ranks hypotheses by ``logprob / length**alpha`` (length = emitted
     tokens, <eos> included), both when choosing the K survivors at every step and when ordering
     the final beams; 0 (the default) is the plain sum. ``block_trigrams`` forbids a beam from
-    producing a trigram it already contains. <eos> is not allowed before ``min_length`` words.
+    producing a trigram it already contains, ``decoding_constraint`` the same word twice in a row,
+    ``suppress_unk`` the ``<unk>`` token (``forbidden_tokens``). <eos> is not allowed before ``min_length`` words.
 
     Returns the best beam of each image as ``tokens`` [B, T] / ``logprob`` [B] (the plain sum) /
     ``attention`` [B, T, N] (None if the model has none), and all beams, best first, as
@@ -78,12 +68,16 @@ def beam_search(
         vocab = logits.shape[-1]
         logprobs = forbid_early_eos(next_token_logprobs(logits), t, min_length).view(batch, beams, vocab)
         if pad_only is None:
-            if beams > vocab - 2:  # <pad> and <bos> are never emitted
-                raise ValueError(f"beam_search: beam_size {beams} exceeds the {vocab - 2} emittable tokens")
+            emittable = vocab - 2 - int(suppress_unk)  # <pad> and <bos> are never emitted (nor <unk> if suppressed)
+            if beams > emittable:
+                raise ValueError(f"beam_search: beam_size {beams} exceeds the {emittable} emittable tokens")
             pad_only = torch.full((vocab,), float("-inf"), device=device)
             pad_only[PAD] = 0.0
-        if block_trigrams and t >= 3:
-            logprobs = logprobs.masked_fill(repeated_trigram_mask(history, vocab), float("-inf"))
+        trigram_history = history.reshape(batch * beams, t) if block_trigrams and t >= 3 else None
+        banned = forbidden_tokens(vocab, prev=prev, history=trigram_history, suppress_unk=suppress_unk,
+                                  decoding_constraint=decoding_constraint, block_trigrams=block_trigrams)
+        if banned is not None:
+            logprobs = forbid(logprobs, banned.view(batch, beams, vocab))
         logprobs = torch.where(finished.unsqueeze(-1), pad_only, logprobs)
         candidates = scores.unsqueeze(-1) + logprobs  # [B, K, V]
         if length_penalty != 0.0:

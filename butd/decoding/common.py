@@ -1,11 +1,12 @@
-"""Pieces shared by the decoders: token ids, the model protocol and the next-token distribution."""
+"""Pieces shared by the decoders: token ids, the model protocol, the next-token distribution and the rules that
+forbid tokens (``<unk>``, a word repeated at once, a repeated trigram)."""
 from __future__ import annotations
 
 from typing import Any, Protocol
 
 import torch
 
-from butd.core.tokens import BOS, EOS, PAD
+from butd.core.tokens import BOS, EOS, PAD, UNK
 from butd.models.regions import Regions
 
 # Token ids fixed by docs/architecture.md (same as butd.data.captions.Vocabulary).
@@ -38,6 +39,52 @@ def next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
     banned[PAD] = True
     banned[BOS] = True
     return torch.log_softmax(logits.masked_fill(banned, float("-inf")), dim=-1)
+
+
+def repeated_trigram_mask(history: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[..., t] token histories -> [..., V] bool, True for the tokens that would complete a trigram the row already
+    contains (its last two tokens followed by that token earlier)."""
+    lead, length = history.shape[:-1], history.shape[-1]
+    banned = torch.zeros(*lead, vocab_size, dtype=torch.int32, device=history.device)
+    if length < 3:
+        return banned.bool()
+    last = history[..., -2:]  # the bigram a new token would extend
+    # Bigram j is (history[j], history[j+1]) followed by history[j+2], for j < t-2.
+    match = (history[..., :-2] == last[..., :1]) & (history[..., 1:-1] == last[..., 1:])
+    # scatter_add (not scatter) because several matches may name the same token.
+    banned.scatter_add_(-1, history[..., 2:], match.to(torch.int32))
+    return banned > 0
+
+
+def forbidden_tokens(vocab_size: int, *, prev: torch.Tensor, history: torch.Tensor | None = None,
+                     suppress_unk: bool = False, decoding_constraint: bool = False,
+                     block_trigrams: bool = False) -> torch.Tensor | None:
+    """[rows, V] bool, True for the tokens the decoding rules forbid as the next token of each row; None when no
+    rule is on (nothing to mask). Every decoder applies this one mask.
+
+    ``prev`` [rows] is each row's previous token, ``history`` [rows, t] its tokens so far (needed for
+    ``block_trigrams`` only). ``suppress_unk``: never ``<unk>`` (the model's "some rare word" is no word a reader can
+    use). ``decoding_constraint``: never the previous word again ("a a", "on on"). ``block_trigrams``: never a
+    trigram the row already contains ("a bathroom with a bathroom with").
+    """
+    if not (suppress_unk or decoding_constraint or block_trigrams):
+        return None
+    banned = torch.zeros(prev.shape[0], vocab_size, dtype=torch.bool, device=prev.device)
+    if suppress_unk:
+        banned[:, UNK] = True
+    if decoding_constraint:
+        # <bos> (the first step's input) is never emitted anyway, and a row that has ended only emits <pad>.
+        banned.scatter_(1, prev.unsqueeze(1), True)
+    if block_trigrams and history is not None and history.shape[-1] >= 3:
+        banned |= repeated_trigram_mask(history, vocab_size)
+    return banned
+
+
+def forbid(scores: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
+    """``scores`` (logits or log-probs) with the ``banned`` tokens impossible (-inf). Greedy and beam search apply it
+    to log-probs without renormalising, as ``forbid_early_eos`` does, so reported scores stay the model's own;
+    sampling applies it to the logits, so the distribution sampled from is renormalised over the allowed tokens."""
+    return scores if banned is None else scores.masked_fill(banned, float("-inf"))
 
 
 def forbid_early_eos(logprobs: torch.Tensor, step: int, min_length: int) -> torch.Tensor:

@@ -13,16 +13,17 @@ from __future__ import annotations
 import torch
 
 from butd.core.tokens import BOS, EOS, PAD
-from butd.decoding.common import StepModel, next_token_logprobs
+from butd.decoding.common import StepModel, forbid, forbidden_tokens, next_token_logprobs
 from butd.decoding.result import SampleOutput
 from butd.decoding.sample import filter_logprobs
 from butd.models.regions import Regions
 
 
 def sample_to_length(model: StepModel, regions: Regions, *, num_samples: int, max_length: int = 16,
-                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> SampleOutput:
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     suppress_unk: bool = False) -> SampleOutput:
     """``num_samples`` captions per image (sample ``j`` of image ``i`` is row ``i * n + j``), always ``max_length``
-    columns; see :func:`butd.decoding.sample` for the distribution and the outputs. Draws from the global RNG (a
+    columns; see :func:`butd.decoding.sample` for the distribution, the outputs and ``suppress_unk``. Draws from the global RNG (a
     CUDA graph replays the default generator; a private generator it could not)."""
     if num_samples < 1 or max_length < 1:
         raise ValueError(f"sample_to_length: num_samples ({num_samples}) and max_length ({max_length}) must be >= 1")
@@ -37,7 +38,9 @@ def sample_to_length(model: StepModel, regions: Regions, *, num_samples: int, ma
     tokens, logprobs, masks = [], [], []
     for _ in range(max_length):
         logits, state, _ = model.step(prev, state, regions)
-        dist = filter_logprobs(next_token_logprobs(logits), temperature=temperature, top_k=top_k, top_p=top_p)
+        banned = forbidden_tokens(logits.shape[-1], prev=prev, suppress_unk=suppress_unk)
+        dist = filter_logprobs(next_token_logprobs(forbid(logits, banned)), temperature=temperature, top_k=top_k,
+                               top_p=top_p)
         uniform = torch.rand(dist.shape, device=device).clamp_min(1e-20)
         token = (dist.detach() - torch.log(-torch.log(uniform))).argmax(dim=-1)  # Gumbel-max: a draw from dist
         token = token.masked_fill(finished, PAD)
@@ -51,8 +54,8 @@ def sample_to_length(model: StepModel, regions: Regions, *, num_samples: int, ma
 
 
 @torch.no_grad()
-def greedy_to_length(model: StepModel, regions: Regions, *, max_length: int = 16, min_length: int = 1
-                     ) -> torch.Tensor:
+def greedy_to_length(model: StepModel, regions: Regions, *, max_length: int = 16, min_length: int = 1,
+                     suppress_unk: bool = False) -> torch.Tensor:
     """Greedy tokens [B, max_length] (words, ``<eos>``, then ``<pad>``), ``<eos>`` not allowed before ``min_length``
     words; without gradients (put the model in eval mode first unless dropout is wanted)."""
     if max_length < 1:
@@ -64,7 +67,8 @@ def greedy_to_length(model: StepModel, regions: Regions, *, max_length: int = 16
     tokens = []
     for t in range(max_length):
         logits, state, _ = model.step(prev, state, regions)
-        logprobs = next_token_logprobs(logits)
+        logprobs = forbid(next_token_logprobs(logits), forbidden_tokens(logits.shape[-1], prev=prev,
+                                                                        suppress_unk=suppress_unk))
         if t < min_length:  # a mask made on the device: no host-to-device copy, which a graph could not record
             logprobs = logprobs.masked_fill(torch.arange(logprobs.shape[-1], device=device) == EOS, float("-inf"))
         best = logprobs.argmax(dim=-1).masked_fill(finished, PAD)

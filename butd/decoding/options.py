@@ -29,7 +29,9 @@ class DecodeOptions:
     max_length: int = 16  # words at most (the caption may end earlier with <eos>)
     min_length: int = 1  # no <eos> before this many words (1: never an empty caption)
     length_penalty: float = 0.0  # beam search ranks by logprob / length**length_penalty
-    block_trigrams: bool = False  # beam search: a beam never repeats a trigram
+    block_trigrams: bool = True  # a caption (each beam) never repeats a trigram
+    suppress_unk: bool = True  # never emit <unk>
+    decoding_constraint: bool = True  # never the same word twice in a row
 
     def __post_init__(self) -> None:
         if not 1 <= self.beam_size <= MAX_BEAM_SIZE:
@@ -56,8 +58,9 @@ class DecodeOptions:
 
 def decode(model: StepModel, regions: Regions, options: DecodeOptions) -> DecodeOutput:
     """Caption every image of ``regions``: greedy decoding for beam 1, batched beam search otherwise."""
+    rules = {"suppress_unk": options.suppress_unk, "decoding_constraint": options.decoding_constraint,
+             "block_trigrams": options.block_trigrams}
     if options.beam_size == 1:
-        return greedy_decode(model, regions, max_length=options.max_length, min_length=options.min_length)
+        return greedy_decode(model, regions, max_length=options.max_length, min_length=options.min_length, **rules)
     return beam_search(model, regions, beam_size=options.beam_size, max_length=options.max_length,
-                       length_penalty=options.length_penalty, block_trigrams=options.block_trigrams,
-                       min_length=options.min_length)
+                       length_penalty=options.length_penalty, min_length=options.min_length, **rules)

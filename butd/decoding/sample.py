@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from butd.core.tokens import BOS, EOS, PAD
-from butd.decoding.common import StepModel, every_row_ended, next_token_logprobs, steps_used
+from butd.decoding.common import StepModel, every_row_ended, forbid, forbidden_tokens, next_token_logprobs, steps_used
 from butd.decoding.result import SampleOutput
 from butd.models.regions import Regions
 
@@ -39,6 +39,8 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    suppress_unk: bool = False,
+    decoding_constraint: bool = False,
 ) -> SampleOutput:
     """Draw ``num_samples`` captions per image; sample ``j`` of image ``i`` is row ``i * n + j``.
 
@@ -49,7 +51,9 @@ def sample(
     token up to and including <eos>, 0.0 on the <pad> after it. ``T <= max_length``: decoding
     stops once every row has ended (checked every ``STOP_CHECK_EVERY`` steps: the only host syncs, with the
     final trim of the all-<pad> steps).
-    Pass a seeded ``generator`` for reproducible samples.
+    Pass a seeded ``generator`` for reproducible samples. ``suppress_unk`` / ``decoding_constraint`` forbid
+    ``<unk>`` / the previous word (``forbidden_tokens``) before the softmax: the distribution sampled from, and
+    whose log-probs are returned, is the model's renormalised over the allowed tokens.
     """
     if num_samples < 1 or max_length < 1:
         raise ValueError(f"sample: num_samples ({num_samples}) and max_length ({max_length}) must be >= 1")
@@ -66,7 +70,10 @@ def sample(
     tokens, logprobs, masks = [], [], []
     for t in range(max_length):
         logits, state, _ = model.step(prev, state, regions)
-        dist = filter_logprobs(next_token_logprobs(logits), temperature=temperature, top_k=top_k, top_p=top_p)
+        banned = forbidden_tokens(logits.shape[-1], prev=prev, suppress_unk=suppress_unk,
+                                  decoding_constraint=decoding_constraint)
+        dist = filter_logprobs(next_token_logprobs(forbid(logits, banned)), temperature=temperature, top_k=top_k,
+                               top_p=top_p)
         # Gumbel-max: argmax(log p + Gumbel noise) is a draw from p, without the host sync
         # torch.multinomial may need; banned tokens (-inf) can never win.
         uniform = torch.rand(dist.shape, device=device, generator=generator).clamp_min(1e-20)

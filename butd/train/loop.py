@@ -135,9 +135,10 @@ def write_checkpoints(run: Run, *, best: bool) -> None:
         if broken is not None:
             raise NonFiniteLossError(f"iteration {state.iteration}: parameter {broken} is not finite; not "
                                      f"writing it: {_kept(run)}")
+        # last.pt first: a kill between the two leaves a resumable run, whose resume restores best.pt (run_dir.py).
+        save_checkpoint(run.out / "last.pt", checkpoint.to_payload())
         if best:
             save_checkpoint(run.out / "best.pt", checkpoint.to_payload())
-        save_checkpoint(run.out / "last.pt", checkpoint.to_payload())
     state.saved_iteration = state.iteration
     dist.barrier(run.ctx)  # no rank runs ahead (e.g. into the next stage) before the files exist
 

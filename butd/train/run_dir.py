@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from butd.core.checkpoint import load_checkpoint
+from butd.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from butd.core.files import remove_stale_temporaries
-from butd.errors import ConfigError
+from butd.errors import ConfigError, DataError
 
 CHECKPOINTS = ("last.pt", "best.pt")
 RUN_FILES = ("config.yaml", "metrics.jsonl", "train_log.jsonl", *CHECKPOINTS)
@@ -37,6 +37,23 @@ def claim_run_dir(out: Path, *, resume: bool) -> list[str]:
         notes.append(f"{out} holds {', '.join(leftovers)} of a run that stopped before its first checkpoint; "
                      f"starting over there")
     return notes
+
+
+def restore_best(out: Path, last: Checkpoint) -> bool:
+    """If ``last`` (RUN_DIR/last.pt) is the run's best model but best.pt is missing or older (a kill between the two
+    writes, which go last.pt first), copy it to best.pt. Returns whether it did."""
+    score = last.val_metrics.get("CIDEr-D")
+    if score is None or score != last.best_score:
+        return False
+    best = out / "best.pt"
+    if best.is_file():
+        try:
+            if float(load_checkpoint(best).get("best_score", float("-inf"))) >= last.best_score:
+                return False
+        except DataError:
+            pass  # an unreadable best.pt is replaced too
+    save_checkpoint(best, last.to_payload())
+    return True
 
 
 def describe_run(path: Path) -> str:

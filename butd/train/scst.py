@@ -5,7 +5,8 @@ loss = -sum_i (r_i - b_i) * sum_t log p(w_it) / (number of sampled tokens), the 
 words and the ``<eos>`` that ends them (the end token is a decision the policy takes too). Dividing by the token count
 rather than the caption count keeps the gradient scale independent of ``scst.num_samples`` and caption length.
 Baselines: ``mean`` (the other K - 1 samples' mean reward, Luo 2020) or ``greedy`` (the reward of the greedy caption
-decoded in eval mode without gradients).
+decoded in eval mode without gradients). With ``suppress_unk`` (``scst.suppress_unk``, on by default) neither the
+samples nor the greedy baseline contain ``<unk>``, as the evaluation's decoding does not.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from butd.data.dataset import Batch
 from butd.decoding import greedy_decode, sample
+from butd.config.defaults import BaselineKind  # the choices, checked when the config is read
 from butd.train.rewards import CaptionReward, greedy_baseline, mean_baseline
 from butd.train.xe import StepOutput
 
@@ -27,11 +29,9 @@ def policy_gradient_loss(token_logprobs: torch.Tensor, mask: torch.Tensor, advan
 class ScstObjective(nn.Module):
     """The SCST loss of a batch as a module, so DistributedDataParallel wraps sampling and loss together."""
 
-    def __init__(self, model: nn.Module, reward: CaptionReward, *, num_samples: int = 5, baseline: str = "mean",
-                 max_length: int = 16, temperature: float = 1.0) -> None:
+    def __init__(self, model: nn.Module, reward: CaptionReward, *, num_samples: int = 5, baseline: BaselineKind = "mean",
+                 max_length: int = 16, temperature: float = 1.0, suppress_unk: bool = True) -> None:
         super().__init__()
-        if baseline not in ("mean", "greedy"):
-            raise ValueError(f"scst.baseline must be mean or greedy, got {baseline!r}")
         if baseline == "mean" and num_samples < 2:
             raise ValueError("scst.baseline=mean needs scst.num_samples >= 2")
         self.model = model
@@ -40,12 +40,13 @@ class ScstObjective(nn.Module):
         self.baseline = baseline
         self.max_length = max_length
         self.temperature = temperature
+        self.suppress_unk = suppress_unk
 
     def forward(self, batch: Batch, ss_prob: float = 0.0) -> StepOutput:
         del ss_prob  # scheduled sampling is an XE-stage technique
         regions = self.model.encode(batch.features, batch.region_mask, batch.boxes, batch.image_size)
         drawn = sample(self.model, regions, num_samples=self.num_samples, max_length=self.max_length,
-                       temperature=self.temperature)
+                       temperature=self.temperature, suppress_unk=self.suppress_unk)
         image_ids = batch.image_ids.repeat_interleave(self.num_samples)
         rewards = self.reward(image_ids, drawn.tokens).view(-1, self.num_samples)
         if self.baseline == "mean":
@@ -68,7 +69,8 @@ class ScstObjective(nn.Module):
         self.model.eval()  # the baseline is the test-time caption: no dropout
         try:
             regions = self.model.encode(batch.features, batch.region_mask, batch.boxes, batch.image_size)
-            greedy = greedy_decode(self.model, regions, max_length=self.max_length)
+            greedy = greedy_decode(self.model, regions, max_length=self.max_length,
+                                   suppress_unk=self.suppress_unk)
         finally:
             self.model.train(was_training)
         return self.reward(batch.image_ids, greedy.tokens)

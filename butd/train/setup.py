@@ -29,7 +29,7 @@ from butd.train import distributed as dist
 from butd.train.logging import RunLogger
 from butd.train.rewards import CaptionReward
 from butd.train.rng import restore_rng_state
-from butd.train.run_dir import claim_run_dir
+from butd.train.run_dir import claim_run_dir, restore_best
 from butd.train.runner import StepRunner, build_runner, check_step_runner
 from butd.train.scst import ScstObjective
 from butd.train.static_scst import StaticScstObjective
@@ -122,6 +122,8 @@ def prepare_run(cfg: Config, options: TrainOptions, ctx: dist.DistContext) -> Ru
 
     # Where the weights come from: a run to resume, an earlier stage (--init), or fresh.
     resumed = _load_start(out / "last.pt", data, options, "resume") if options.resume else None
+    if resumed is not None and ctx.is_main and restore_best(out, resumed):
+        notes.append("best.pt restored from last.pt (the run was stopped between writing the two)")
     initial = _load_start(options.init, data, options, "init") if options.init and not resumed else None
     if initial is not None:
         init_model = config_from_dict({"model": initial.config["model"]}).model  # the weights fix the shapes
@@ -185,7 +187,7 @@ def _make_objective(stage: str, model: nn.Module, cfg: Config, data: CaptionData
                                              bleu_weight=cfg.scst.bleu_weight, device=device)
     scst = StaticScstObjective if cfg.train.step_runner != "eager" else ScstObjective  # static: samples to full length
     return scst(model, reward, num_samples=cfg.scst.num_samples, baseline=cfg.scst.baseline,
-                max_length=cfg.scst.max_length, temperature=cfg.scst.temperature)
+                max_length=cfg.scst.max_length, temperature=cfg.scst.temperature, suppress_unk=cfg.scst.suppress_unk)
 
 
 def _load_start(path: Path | None, data: CaptionData, options: TrainOptions, why: str) -> Checkpoint:

@@ -15,6 +15,7 @@ from torch import nn
 
 from butd.data.dataset import Batch
 from butd.decoding.fixed_length import greedy_to_length, sample_to_length
+from butd.config.defaults import BaselineKind  # the choices, checked when the config is read
 from butd.train.rewards import CaptionReward, greedy_baseline, mean_baseline
 from butd.train.scst import policy_gradient_loss
 from butd.train.xe import StepOutput
@@ -23,11 +24,9 @@ from butd.train.xe import StepOutput
 class StaticScstObjective(nn.Module):
     """The SCST loss of a batch at fixed shapes; same interface and statistics as ``ScstObjective``."""
 
-    def __init__(self, model: nn.Module, reward: CaptionReward, *, num_samples: int = 5, baseline: str = "mean",
-                 max_length: int = 16, temperature: float = 1.0) -> None:
+    def __init__(self, model: nn.Module, reward: CaptionReward, *, num_samples: int = 5, baseline: BaselineKind = "mean",
+                 max_length: int = 16, temperature: float = 1.0, suppress_unk: bool = True) -> None:
         super().__init__()
-        if baseline not in ("mean", "greedy"):
-            raise ValueError(f"scst.baseline must be mean or greedy, got {baseline!r}")
         if baseline == "mean" and num_samples < 2:
             raise ValueError("scst.baseline=mean needs scst.num_samples >= 2")
         if reward.bleu_weight > 0:
@@ -38,12 +37,13 @@ class StaticScstObjective(nn.Module):
         self.baseline = baseline
         self.max_length = max_length
         self.temperature = temperature
+        self.suppress_unk = suppress_unk  # as ScstObjective: neither samples nor the greedy baseline say <unk>
 
     def forward(self, batch: Batch, ss_prob: float = 0.0) -> StepOutput:
         del ss_prob  # scheduled sampling is an XE-stage technique
         regions = self.model.encode(batch.features, batch.region_mask, batch.boxes, batch.image_size)
         drawn = sample_to_length(self.model, regions, num_samples=self.num_samples, max_length=self.max_length,
-                                 temperature=self.temperature)
+                                 temperature=self.temperature, suppress_unk=self.suppress_unk)
         image_ids = batch.image_ids.repeat_interleave(self.num_samples)
         rewards = self.reward(image_ids, drawn.tokens, validate=False).view(-1, self.num_samples)
         if self.baseline == "mean":
@@ -66,7 +66,7 @@ class StaticScstObjective(nn.Module):
         self.model.eval()  # the baseline is the test-time caption: no dropout
         try:
             regions = self.model.encode(batch.features, batch.region_mask, batch.boxes, batch.image_size)
-            greedy = greedy_to_length(self.model, regions, max_length=self.max_length)
+            greedy = greedy_to_length(self.model, regions, max_length=self.max_length, suppress_unk=self.suppress_unk)
         finally:
             self.model.train(was_training)
         return self.reward(batch.image_ids, greedy, validate=False)
