@@ -52,8 +52,8 @@ def write_atomic(path: str | Path, content: Content) -> Path:
 
 
 def rename_durably(source: str | Path, destination: str | Path) -> None:
-    """Rename ``source`` over ``destination`` (atomic within one file system) and flush the folder entry, so the
-    rename survives a power loss. For files already complete on disk (e.g. written by :func:`write_atomic` under
+    """Rename ``source`` (a file, or a folder over an empty one) to ``destination``, atomically within one file
+    system, and flush the folder entry so the rename survives a power loss. For files already complete on disk (e.g. written by :func:`write_atomic` under
     another name): the gallery's two-phase uploads publish their files this way."""
     os.replace(source, destination)
     _fsync_dir(Path(destination).parent)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from butd.core.files import write_json_atomic
+from butd.core.files import rename_durably, write_json_atomic
 from butd.data.prep.prepro import SourceImage, build_data_dir
 from butd.data.store import FeatureRecord, FeatureWriter
 from butd.errors import ConfigError, DataError
@@ -124,7 +124,7 @@ def make_attention_world(output: str | Path, config: AttentionWorldConfig = Atte
     _generate(building, config)
     if out.exists():
         out.rmdir()  # empty, checked above
-    os.replace(building, out)
+    rename_durably(building, out)
     return world
 
 

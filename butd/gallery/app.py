@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from butd.errors import ConfigError
 from butd.gallery.auth import Accounts
@@ -31,9 +29,9 @@ from butd.gallery.schemas import GalleryHealth
 from butd.gallery.settings import GallerySettings
 from butd.gallery.storage import ImageFiles
 from butd.gallery.store import Gallery
-from butd.gallery.throttle import Throttled
 from butd.serve.app import MAX_BEAM_SIZE
-from butd.serve.limits import ApiError, BodyLimitMiddleware
+from butd.serve.errors import install_error_handlers
+from butd.serve.limits import BodyLimitMiddleware
 
 log = logging.getLogger("butd.gallery")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -93,7 +91,7 @@ def create_gallery_app(settings: GallerySettings, model: CaptionModel, *, prepar
     )
     app.state.gallery = ctx
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    _install_error_handlers(app)
+    install_error_handlers(app, log=log, crash_detail=False)
     app.include_router(auth_router)
     app.include_router(images_router)
 
@@ -120,29 +118,3 @@ def create_gallery_app(settings: GallerySettings, model: CaptionModel, *, prepar
     return app
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    """Every error, expected or not, answers ``{"error": {"code", "message"}}``."""
-
-    @app.exception_handler(ApiError)
-    async def api_error(_request: Request, err: ApiError) -> JSONResponse:
-        headers = {"Retry-After": str(err.retry_after_s)} if isinstance(err, Throttled) else None
-        return _error(err.status, err.code, err.message, headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-        return _error(422, "invalid_request", problems)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        return _error(err.status_code, codes.get(err.status_code, f"http_{err.status_code}"), str(err.detail))
-
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, err: Exception) -> JSONResponse:
-        log.exception("internal error while serving %s %s", request.method, request.url.path)
-        return _error(500, "internal_error", f"internal error: {type(err).__name__}")

@@ -25,7 +25,8 @@ class Throttled(ApiError):
 
     def __init__(self, retry_after_s: int) -> None:
         super().__init__(429, "too_many_attempts",
-                         f"too many failed log-ins: wait {retry_after_s} s before trying again")
+                         f"too many failed log-ins: wait {retry_after_s} s before trying again",
+                         headers={"Retry-After": str(retry_after_s)})
         self.retry_after_s = retry_after_s
 
 

@@ -19,17 +19,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from butd.serve.admission import PixelBudget, admit, read_image_header
 from butd.serve.batcher import MicroBatcher
+from butd.serve.errors import install_error_handlers
 from butd.serve.limits import ApiError, BodyLimitMiddleware, BodyTimeout, UploadTooLarge
 from butd.serve.schemas import CaptionsResponse, ErrorResponse, HealthResponse
 from feature_extraction.images import ImageError, load_image
@@ -109,7 +108,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_upload_bytes, timeout_s=body_timeout_s)
-    _install_error_handlers(app)
+    install_error_handlers(app, log=log, crash_detail=True)
     app.state.batcher = batcher
     app.state.budget = budget
 
@@ -310,30 +309,3 @@ def _client_gone(abandoned: _Counter) -> ApiError:
     return ApiError(CLIENT_CLOSED, "client_closed", "the client closed the connection before its captions were ready")
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    """Every error, expected or not, answers ``{"error": {"code", "message"}}``."""
-
-    @app.exception_handler(ApiError)
-    async def api_error(_request: Request, err: ApiError) -> JSONResponse:
-        response = _error(err.status, err.code, err.message)
-        response.headers.update(err.headers or {})
-        return response
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-        return _error(422, "invalid_request", problems)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        return _error(err.status_code, codes.get(err.status_code, f"http_{err.status_code}"), str(err.detail))
-
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, err: Exception) -> JSONResponse:
-        log.exception("internal error while serving %s %s", request.method, request.url.path)
-        return _error(500, "internal_error", f"internal error: {type(err).__name__}: {err}")
