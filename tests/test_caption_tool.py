@@ -77,11 +77,13 @@ def test_bad_images_are_named_and_skipped_and_the_good_ones_captioned(monkeypatc
 
 
 def test_a_batch_of_only_bad_images_still_lets_the_next_batch_run(monkeypatch, capsys, checkpoint, pictures):
+    missing = pictures["good2"].parent / "missing.png"
     status, out, err = run_in_process(monkeypatch, capsys, checkpoint,
-                                      [pictures["strip"], pictures["broken"], pictures["good2"]], "--batch-size", "2")
+                                      [pictures["strip"], missing, pictures["good2"]], "--batch-size", "2")
     assert status == 1
     assert [line.split("\t")[0] for line in out.splitlines()] == [str(pictures["good2"])]
-    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[1] == f"error: {missing}: file not found; skipped"
 
 
 def test_an_image_the_captioner_refuses_in_a_batch_is_captioned_around(monkeypatch, capsys, checkpoint, pictures):
