@@ -1,5 +1,5 @@
 """The SCST stage: baselines, rewards, the policy-gradient loss, fresh optimizer, exact resume, and that SCST after
-XE raises test CIDEr-D on the COCO-proxy."""
+XE raises its reward and keeps (in practice raises) test CIDEr-D on the COCO-proxy."""
 from __future__ import annotations
 
 import json
@@ -144,7 +144,7 @@ def test_scst_keeps_init_weights_starts_a_fresh_optimizer_and_resumes_exactly(ti
         assert torch.allclose(resumed.model.state_dict()[name], value, atol=1e-6), name
 
 
-# --- COCO-proxy: SCST after XE raises test CIDEr-D -------------------------------------------------------------
+# --- COCO-proxy: SCST after XE learns ----------------------------------------------------------------------------
 
 PROXY_IMAGES = 1000  # 800 train, 100 val, 100 test
 XE_OVERRIDES = ("train.max_epochs=6", "train.lr=4e-3", "train.warmup_iters=100")
