@@ -24,7 +24,7 @@ from butd.data.store import FeatureStore
 from butd.decoding import DecodeOptions
 from butd.inference import decode_images
 from butd.metrics import CiderD
-from butd.train.checkpoint import load_model
+from butd.models import load_model
 from butd.train.loop import TrainOptions, train
 
 MODELS = {"updown": (), "showattendtell": ("model.doubly_stochastic_weight=0",), "showtell": ()}

@@ -24,7 +24,7 @@ from butd.decoding import DecodeOptions
 from butd.inference import decode_images
 from butd.metrics import CiderD
 from butd.metrics.repetition import repetition_report
-from butd.train.checkpoint import load_model
+from butd.models import load_model
 
 # name -> (suppress_unk, decoding_constraint, block_trigrams)
 VARIANTS = {

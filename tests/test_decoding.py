@@ -204,17 +204,66 @@ def test_length_penalty_can_prefer_the_longer_caption():
     torch.testing.assert_close(normalised.alternative_logprobs[0], torch.tensor([math.log(0.4), math.log(0.6)]))
 
 
+class TimedTableModel(TableModel):
+    """A TableModel whose logit of ``drift_token`` grows by ``drift`` per step (the step count is carried in the
+    state, so beams reorder it). The drift makes the same detour cost differently at different steps, so no two
+    different captions have equal scores: beam search then has no float ties to break."""
+
+    def __init__(self, transitions, *, drift_token: int, drift: float, **kw) -> None:
+        super().__init__(transitions, **kw)
+        self.drift = nn.functional.one_hot(torch.tensor(drift_token), self.table.shape[1]).float() * drift
+
+    def step(self, tokens, state, regions):
+        logits, _, weights = super().step(tokens, state, regions)
+        steps = state[0]  # [rows, 1]: steps taken so far
+        return logits + steps * self.drift, (steps + 1,), weights
+
+
+def repeating_model() -> TimedTableModel:
+    """BOS->4->5->6->4... is clearly the best path; 7 (cheaper at later steps) and 8 are detours; <eos> never wins.
+
+    Worked out in float64 for beam size 2 and 9 steps: at every step the two survivors and the best rejected
+    candidate are >= 0.3 apart in summed log-prob, with and without trigram blocking (no ties to break).
+    """
+    return TimedTableModel(
+        {BOS: {4: 4.0, 7: 1.0}, 4: {5: 4.0, 8: 1.5}, 5: {6: 4.0, 7: 2.0, 8: 0.8}, 6: {4: 4.0, 7: 0.5},
+         7: {4: 3.0, 8: 2.2}, 8: {4: 2.6, 5: 1.3}},
+        drift_token=7, drift=0.15, default=-4.0,
+    )
+
+
 def test_trigram_blocking_blocks_repeats():
-    model = cycle_model()
+    model = repeating_model()
     plain = beam_search(model, fake_regions(2), beam_size=2, max_length=9)
-    assert plain.tokens[0].tolist() == [4, 5, 6, 4, 5, 6, 4, 5, 6]  # the repetition exists unblocked
+    assert plain.tokens[0].tolist() == [4, 5, 6, 4, 5, 6, 4, 5, 6]  # unblocked, the repeat is clearly the best
+    assert plain.alternatives[0, 1].tolist() == [4, 5, 6, 4, 5, 6, 4, 5, 7]
+    assert (plain.alternative_logprobs[:, 0] - plain.alternative_logprobs[:, 1] > 0.5).all()  # no tie
+
     blocked = beam_search(model, fake_regions(2), beam_size=2, max_length=9, block_trigrams=True)
     for row in blocked.alternatives.reshape(-1, blocked.alternatives.shape[-1]).tolist():
         grams = trigrams(row)
         assert len(grams) == len(set(grams)), row
-    assert blocked.tokens[0, :3].tolist() == [4, 5, 6]
+    # Blocking changes the answer: after "4 5" the next word may be neither 6 (4 5 6 was said) nor, the second
+    # time, 7 (4 5 7 was said); the beams take the next best word instead.
+    assert blocked.tokens[0].tolist() == [4, 5, 6, 4, 5, 7, 4, 5, 8]
+    assert blocked.alternatives[0, 1].tolist() == [4, 5, 7, 4, 5, 6, 4, 5, 8]
+    assert (blocked.alternative_logprobs[:, 0] - blocked.alternative_logprobs[:, 1] > 0.4).all()  # no tie
+    assert torch.equal(blocked.alternatives[0], blocked.alternatives[1])  # images of a batch decode alike
+    torch.testing.assert_close(blocked.alternative_logprobs, scores_of(model, blocked.alternatives))
     # Beams that never emit <eos> are kept, at full length, without <eos>.
     assert blocked.alternatives.shape[-1] == 9 and not torch.any(blocked.alternatives == EOS)
+
+
+def scores_of(model: TimedTableModel, captions: torch.Tensor) -> torch.Tensor:
+    """[B, K, T] captions -> [B, K] summed log-probs under ``model``, step by step (independent of beam search)."""
+    rows = captions.reshape(-1, captions.shape[-1])
+    prev, state = torch.full((rows.shape[0],), BOS), model.init_state(fake_regions(rows.shape[0]))
+    total = torch.zeros(rows.shape[0])
+    for t in range(rows.shape[1]):
+        logits, state, _ = model.step(prev, state, fake_regions(rows.shape[0]))
+        total += next_token_logprobs(logits).gather(1, rows[:, t : t + 1]).squeeze(1)
+        prev = rows[:, t]
+    return total.view(captions.shape[:2])
 
 
 def test_sample_shapes_mask_and_logprobs():

@@ -15,7 +15,7 @@ from butd.core.tokens import BOS, EOS, PAD, UNK
 from butd.decoding import DecodeOptions, beam_search, decode, greedy_decode, sample
 from butd.decoding.common import forbidden_tokens, next_token_logprobs
 from butd.models import Regions, build_model
-from butd.train.checkpoint import save_checkpoint
+from butd.core.checkpoint import save_checkpoint
 from butd.train.scst import ScstObjective
 from train_fixtures import make_tiny_dataset, tiny_config
 

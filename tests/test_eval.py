@@ -102,7 +102,7 @@ REFERENCES = {"annotations": [{"image_id": 1, "caption": "A dog on the grass."},
      "image 99): image id not in the references"),
     ([{"image_id": 1, "caption": "a dog"}, {"image_id": 1, "caption": "a cat"}], "duplicate image id"),
     ([{"image_id": 1, "caption": "  "}], "image 1): caption is empty"),
-    ([{"image_id": 2, "caption": "a man\nriding"}], "image 2): caption spans several lines"),
+    ([{"image_id": 2, "caption": "\n \n"}], "image 2): caption is empty"),
     ({"image_id": 1, "caption": "a dog"}, "expected a JSON list"),
     (None, "does not exist"),
 ])
@@ -178,6 +178,25 @@ def no_java(monkeypatch, tmp_path):
 
     monkeypatch.setattr(evaluate, "score_captions", spy)
     return calls
+
+
+def test_result_file_with_line_breaks_is_scored_like_without(tmp_path, capsys, no_java):
+    """A caption ending in a line break, as real COCO annotations have them, is scored, not refused."""
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps(REFERENCES))
+    scored = {}
+    for name, space, end in (("plain", " ", ""), ("newline", "\n", "\n")):
+        res = tmp_path / f"{name}.json"
+        res.write_text(json.dumps([{"image_id": 1, "caption": "A dog on the grass." + end},
+                                   {"image_id": 2, "caption": f"A man{space}riding a bike.{end}"}]))
+        code = eval_tool.main(["--results", str(res), "--references", str(refs), "--output", str(tmp_path / name),
+                               "--spice-jars", str(tmp_path)])
+        assert code == 0, capsys.readouterr().err
+        scored[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+        rows = [json.loads(line) for line in (tmp_path / name / "captions_scored.jsonl").read_text().splitlines()]
+        assert [r["caption"] for r in rows] == ["A dog on the grass.", "A man riding a bike."]
+    assert {m: scored["newline"][m] for m in METRIC_NAMES} == {m: scored["plain"][m] for m in METRIC_NAMES}
+    assert scored["plain"]["CIDEr-D"] > 0
 
 
 def test_split_evaluation_writes_metrics_captions_and_result_file(tiny, tmp_path, capsys, no_java):

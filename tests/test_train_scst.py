@@ -1,5 +1,5 @@
 """The SCST stage: baselines, rewards, the policy-gradient loss, fresh optimizer, exact resume, and that SCST after
-XE raises test CIDEr-D on the COCO-proxy."""
+XE raises its reward and keeps (in practice raises) test CIDEr-D on the COCO-proxy."""
 from __future__ import annotations
 
 import json
@@ -145,9 +145,13 @@ def test_scst_keeps_init_weights_starts_a_fresh_optimizer_and_resumes_exactly(ti
         assert torch.allclose(resumed.model.state_dict()[name], value, atol=1e-6), name
 
 
-# --- COCO-proxy: SCST after XE raises test CIDEr-D -------------------------------------------------------------
+# --- COCO-proxy: SCST after XE learns ----------------------------------------------------------------------------
 
 PROXY_IMAGES = 1000  # 800 train, 100 val, 100 test
+XE_OVERRIDES = ("train.max_epochs=6", "train.lr=4e-3", "train.warmup_iters=100")
+# 4 epochs at 5e-4 rather than 2 at 2e-4: with the shorter schedule the test CIDEr-D gain ranged from -0.007 to
+# +0.070 across seeds and thread counts, too little to assert (docs/training.md, "SCST test: spread ...").
+SCST_OVERRIDES = ("train.max_epochs=4", "train.lr=5e-4")
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +167,7 @@ def proxy_xe(single_thread, tmp_path_factory):
     prepro_karpathy(root / "proxy" / "dataset_coco.json", root / "data", min_count=3)
     options = TrainOptions(stage="xe", data_dir=root / "data", features=root / "proxy" / "features.lmdb",
                            output=root / "xe")
-    train(proxy_config("train.max_epochs=6", "train.lr=4e-3", "train.warmup_iters=100"), options)
+    train(proxy_config(*XE_OVERRIDES), options)
     return options
 
 
@@ -181,11 +185,11 @@ RAW_DECODING = ("scst.suppress_unk=false", "eval.suppress_unk=false", "eval.deco
                 "eval.block_trigrams=false")
 
 
-def split_cider(run: Path, options: TrainOptions) -> float:
-    """Test-split CIDEr-D (beam 1) of the run's best checkpoint."""
+def split_cider(run: Path, options: TrainOptions, split: str = "test") -> float:
+    """CIDEr-D (beam 1) of the run's best checkpoint on a split (its references are the CIDEr-D corpus)."""
     data = CaptionData.load(options.data_dir)
     loaded = load_model(run / "best.pt")
-    ids = [int(i) for i in data.split_ids("test")]
+    ids = [int(i) for i in data.split_ids(split)]
     results = decode_images(loaded.model, FeatureStore(options.features), ids, data.vocab,
                             options=DecodeOptions.from_config(loaded.config.eval).with_overrides(beam_size=1),
                             max_boxes=loaded.config.data.max_boxes)
@@ -201,11 +205,15 @@ def test_xe_learns_on_the_proxy(proxy_xe):
 
 
 @pytest.mark.slow
-def test_scst_after_xe_raises_test_cider_on_the_proxy(proxy_xe, tmp_path):
-    xe_score = split_cider(proxy_xe.output, proxy_xe)
+def test_scst_after_xe_raises_its_reward_and_keeps_test_cider_on_the_proxy(proxy_xe, tmp_path):
     options = TrainOptions(stage="scst", data_dir=proxy_xe.data_dir, features=proxy_xe.features,
                            output=tmp_path / "scst", init=proxy_xe.output / "best.pt")
-    train(proxy_config("train.max_epochs=2", "train.lr=2e-4"), options)
-    scst_score = split_cider(options.output, options)
-    # Seen here: 0.097 -> 0.147 (beam 1, 100 test images).
-    assert scst_score > 1.2 * xe_score + 0.01, (xe_score, scst_score)
+    train(proxy_config(*SCST_OVERRIDES), options)
+    rewards = [json.loads(line)["train_reward"] for line in (options.output / "metrics.jsonl").read_text().splitlines()]
+    xe_score, scst_score = split_cider(proxy_xe.output, proxy_xe), split_cider(options.output, options)
+    # Bounds from 12 runs (seeds 0-5, 1 and 2 torch threads; docs/training.md, "SCST test: spread across seeds and
+    # threads"): the mean sampled reward of the last epoch was 1.53x to 1.93x the first epoch's (SCST broken on
+    # purpose: 0.015x with the reward negated, 0.97x with the baseline equal to the reward), and test CIDEr-D
+    # (beam 1, 100 images) rose by +0.019 to +0.126: too noisy for a tight bound, it must not fall by 0.03 or more.
+    assert rewards[-1] > 1.2 * rewards[0], rewards
+    assert scst_score > xe_score - 0.03, (xe_score, scst_score)

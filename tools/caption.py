@@ -3,6 +3,8 @@
     python tools/caption.py IMAGE... --detector WEIGHTS --checkpoint CKPT [--beam-size 3] [--visualize OUT_DIR]
 
 Prints ``IMAGE<TAB>caption`` per image (``--json``: one JSON object per line, as the web service returns it).
+An image that cannot be used (unreadable, or a shape the detector cannot take) is reported on stderr, one line
+naming it, and skipped; the others are still captioned, and the exit status is then 1.
 ``--visualize OUT_DIR`` writes ``OUT_DIR/<image name>.png``: the image, then one panel per word with the regions it
 attended to most. ``--detector random`` runs an untrained detector: the pipeline works, the captions mean nothing.
 """
@@ -12,9 +14,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from butd.captioner import Captioner
+from butd.captioner import Captioner, ImageCaption
 from butd.errors import ButdError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from feature_extraction.images import ImageError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,6 +52,26 @@ def _unique(stem: str, used: set[str]) -> str:
     return name
 
 
+def _caption_batch(captioner: Captioner, arrays: list[np.ndarray], names: list[str],
+                   beam_size: int) -> list[ImageCaption | ImageError]:
+    """The batch's ``ImageCaption``s; should the captioner still refuse one of the images, each image is captioned
+    alone so that the refused one comes back as its ``ImageError`` and the others still get captions."""
+    from feature_extraction.images import ImageError
+
+    try:
+        return captioner.caption(arrays, beam_size=beam_size, names=names)
+    except ImageError as err:
+        if len(arrays) == 1:
+            return [err]
+    results: list[ImageCaption | ImageError] = []
+    for array, name in zip(arrays, names):
+        try:
+            results.extend(captioner.caption([array], beam_size=beam_size, names=[name]))
+        except ImageError as err:
+            results.append(err)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from feature_extraction.images import ImageError, load_image
@@ -64,19 +92,31 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     figure_names: set[str] = set()
     for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start : start + args.batch_size]
         arrays, names = [], []
-        for path in paths:
+        for path in args.images[start : start + args.batch_size]:
+            # Check every image before the batch goes through the networks, so that one bad image (unreadable,
+            # or a 2000x8 strip the detector cannot take) is skipped and reported, not fatal for the others.
             try:
-                arrays.append(load_image(path))
-                names.append(str(path))
+                array = load_image(path)
+                captioner.check_image(array.shape[1], array.shape[0], str(path))
             except ImageError as err:
-                print(f"error: {path}: cannot read the image: {err}", file=sys.stderr)
+                print(f"error: {path}: {err.reason}; skipped", file=sys.stderr)
                 failures += 1
+                continue
+            arrays.append(array)
+            names.append(str(path))
         if not arrays:
             continue
-        results = captioner.caption(arrays, beam_size=args.beam_size, names=names)
+        try:
+            results = _caption_batch(captioner, arrays, names, args.beam_size)
+        except ButdError as err:  # a setting, not an image (e.g. the checkpoint does not fit the detector)
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         for array, result in zip(arrays, results):
+            if isinstance(result, ImageError):
+                print(f"error: {result.source}: {result.reason}; skipped", file=sys.stderr)
+                failures += 1
+                continue
             if args.json:
                 print(json.dumps(result.to_json()), flush=True)
             else:
@@ -85,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = args.visualize / f"{_unique(Path(result.name).stem, figure_names)}.png"
                 save_attention_figure(array, result, out, top_k=args.top_k)
                 print(f"wrote {out}", file=sys.stderr)
+    if failures:
+        print(f"{failures} of {len(args.images)} images skipped", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -14,6 +14,7 @@ import sys
 from dataclasses import asdict
 
 from butd.data.prep.convert import convert_features
+from butd.data.store import read_metadata
 from butd.errors import ButdError
 
 
@@ -32,6 +33,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _holds_records(output: str) -> bool:
+    """Whether ``output`` is a butd store with records (worth resuming), not absent, empty or another program's."""
+    try:
+        return read_metadata(output) is not None
+    except ButdError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -39,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                                    allow_pickle=args.allow_pickle, progress=not args.no_progress)
     except ButdError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        print("records committed before the error are kept; fix the input and rerun to resume", file=sys.stderr)
+        if _holds_records(args.output):
+            print("records committed before the error are kept; fix the input and rerun to resume", file=sys.stderr)
         return 1
     print(json.dumps({"output": args.output, **asdict(summary)}))
     return 0

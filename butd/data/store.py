@@ -98,6 +98,14 @@ def read_metadata(path: str | Path) -> StoreMetadata | None:
         _READ_ENVS.release(path)
 
 
+def _key_image_id(key: bytes, path: Path) -> int:
+    """The image id a record key spells; DataError for a key that butd did not write (another program's entry)."""
+    if not key.isdigit():
+        raise DataError(f"{path}: key {key[:40]!r} is not an image id; the store holds entries that butd did not "
+                        "write (rebuild it in a new folder)")
+    return int(key)
+
+
 class FeatureStore:
     """Read-only view of a feature store.
 
@@ -140,7 +148,7 @@ class FeatureStore:
         if self._ids is None:
             with self._txn() as txn:
                 keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
-            self._ids = sorted(int(k) for k in keys if k != META_KEY)
+            self._ids = sorted(_key_image_id(k, self.path) for k in keys if k != META_KEY)
         return list(self._ids)
 
     def __contains__(self, image_id: object) -> bool:
@@ -161,7 +169,7 @@ class FeatureStore:
         with self._txn() as txn:
             for key, buf in txn.cursor():
                 if bytes(key) != META_KEY:
-                    yield decode_header(int(bytes(key)), buf, self.path)
+                    yield decode_header(_key_image_id(bytes(key), self.path), buf, self.path)
 
     def close(self) -> None:
         """Release this process's environment (closed when no other store uses it); a later access reopens it."""
@@ -207,6 +215,9 @@ class FeatureWriter:
             raise ConfigError(f"commit_every must be >= 1, got {commit_every}")
         if self.path.exists() and not self.path.is_dir():
             raise DataError(f"{self.path} exists and is not a directory (an LMDB feature store is a directory)")
+        if self.path.is_dir() and not (self.path / "data.mdb").exists() and any(self.path.iterdir()):
+            raise DataError(f"{self.path} is a folder with other files in it, not a feature store; refusing to "
+                            "write there (choose a new output path)")
         self.commit_every = commit_every
         self.committed = 0  # records committed by this writer
         self.path.mkdir(parents=True, exist_ok=True)
@@ -219,6 +230,13 @@ class FeatureWriter:
         self._pending: dict[int, bytes] = {}
         with self._env.begin() as txn:
             raw = txn.get(META_KEY)
+        if raw is None and self._env.stat()["entries"]:
+            # Another program's LMDB: butd records added to it would sit beside keys its readers cannot parse.
+            entries = self._env.stat()["entries"]
+            self._env.close()
+            self._env = None
+            raise DataError(f"{self.path} is an LMDB database that is not a butd feature store ({entries} entries, "
+                            "no butd metadata record); refusing to write into it (choose a new output path)")
         self._meta = None if raw is None else StoreMetadata.from_bytes(raw, self.path)
         if self._meta is not None and self._meta.dtype != self.dtype:
             self._env.close()

@@ -6,6 +6,9 @@ A result file is the COCO leaderboard format, a JSON list with one object per im
 
 Extra keys in an entry are ignored. A reference file is a COCO caption annotation file
 (``{"annotations": [{"image_id": ..., "caption": ...}, ...], ...}``), plain JSON or ``.xz``.
+
+Line breaks inside a caption (real COCO annotations end some captions with "\n") become spaces, as pycocoevalcap's
+tokenizer does before scoring; only a caption with no words left is refused.
 """
 from __future__ import annotations
 
@@ -38,14 +41,21 @@ def _refuse(path: Path | str, what: str, problems: list[str]) -> None:
         raise DataError(f"{path}: {len(problems)} {what}: {listed}{more}")
 
 
+def one_line(caption: str) -> str:
+    """``caption`` with every line break replaced by a space and the ends stripped.
+
+    pycocoevalcap's PTB tokenizer replaces "\n" by a space (it maps input lines to output lines); every other line
+    break that str.splitlines knows ("\r", "\u2028", ...) is replaced too, so that no caption can shift the lines.
+    """
+    return " ".join(caption.splitlines()).strip()
+
+
 def _caption_problem(caption: object) -> str | None:
-    """Why a caption is unusable, or None when it is a non-empty single-line string."""
+    """Why a caption is unusable, or None when it is a string with words (line breaks allowed, see one_line)."""
     if not isinstance(caption, str):
         return f"caption is {type(caption).__name__}, not a string"
-    if not caption.strip():
+    if not one_line(caption):
         return "caption is empty"
-    if len((caption + "x").splitlines()) > 1:  # "x" so that a trailing line break counts too
-        return f"caption spans several lines: {caption!r}"
     return None
 
 
@@ -56,10 +66,10 @@ def _is_int(value: object) -> bool:
 def load_results(path: str | Path, references: Mapping[int, object] | None = None) -> dict[int, str]:
     """Read a COCO result file into ``{image_id: caption}`` (file order).
 
-    Raises :class:`DataError` naming the file and the offending entries (at most 10 listed, plus a
-    count) for: a shape other than a non-empty list of objects with ``image_id`` and ``caption``,
-    non-integer ids, duplicate ids, empty or multi-line captions, and -- when ``references`` is
-    given -- ids that have no references.
+    Captions come back on one line (:func:`one_line`). Raises :class:`DataError` naming the file and the
+    offending entries (at most 10 listed, plus a count) for: a shape other than a non-empty list of objects with
+    ``image_id`` and ``caption``, non-integer ids, duplicate ids, empty captions (also those of line breaks and
+    spaces only), and -- when ``references`` is given -- ids that have no references.
     """
     path = Path(path)
     data = _read_json(path)
@@ -90,7 +100,7 @@ def load_results(path: str | Path, references: Mapping[int, object] | None = Non
         if reason:
             problems.append(f"{where}: {reason}")
         elif isinstance(caption, str):
-            captions[image_id] = caption
+            captions[image_id] = one_line(caption)
     _refuse(path, "invalid result entries", problems)
     return captions
 
@@ -122,7 +132,8 @@ def write_results(path: str | Path, captions: Mapping[int, str]) -> None:
     """Write ``{image_id: caption}`` as a COCO result file, one entry per image sorted by id.
 
     The file is written to a temporary file in the same folder and moved into place, so a reader
-    never sees a partial file. The same rules as :func:`load_results` apply to the captions.
+    never sees a partial file. The same rules as :func:`load_results` apply to the captions, and they are
+    written on one line (:func:`one_line`).
     """
     path = Path(path)
     problems = []
@@ -132,5 +143,5 @@ def write_results(path: str | Path, captions: Mapping[int, str]) -> None:
         elif reason := _caption_problem(caption):
             problems.append(f"image {image_id}: {reason}")
     _refuse(path, "captions cannot be written", problems)
-    entries = [{"image_id": i, "caption": captions[i]} for i in sorted(captions)]
+    entries = [{"image_id": i, "caption": one_line(captions[i])} for i in sorted(captions)]
     write_atomic(path, json.dumps(entries, ensure_ascii=False) + "\n")

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from butd.data.dataset import Batch
-from butd.decoding import greedy_decode, sample
+from butd.decoding import SampleOutput, greedy_decode, sample
 from butd.config.defaults import BaselineKind  # the choices, checked when the config is read
 from butd.train.rewards import CaptionReward, greedy_baseline, mean_baseline
+from butd.models.regions import Regions
 from butd.train.xe import StepOutput
 
 
@@ -45,10 +46,9 @@ class ScstObjective(nn.Module):
     def forward(self, batch: Batch, ss_prob: float = 0.0) -> StepOutput:
         del ss_prob  # scheduled sampling is an XE-stage technique
         regions = self.model.encode(batch.features, batch.region_mask, batch.boxes, batch.image_size)
-        drawn = sample(self.model, regions, num_samples=self.num_samples, max_length=self.max_length,
-                       temperature=self.temperature, suppress_unk=self.suppress_unk)
+        drawn = self._draw(regions)
         image_ids = batch.image_ids.repeat_interleave(self.num_samples)
-        rewards = self.reward(image_ids, drawn.tokens).view(-1, self.num_samples)
+        rewards = self.reward(image_ids, drawn.tokens, validate=self.validate_tokens).view(-1, self.num_samples)
         if self.baseline == "mean":
             baseline = mean_baseline(rewards)
         else:
@@ -69,8 +69,17 @@ class ScstObjective(nn.Module):
         self.model.eval()  # the baseline is the test-time caption: no dropout
         try:
             regions = self.model.encode(batch.features, batch.region_mask, batch.boxes, batch.image_size)
-            greedy = greedy_decode(self.model, regions, max_length=self.max_length,
-                                   suppress_unk=self.suppress_unk)
+            greedy = self._greedy_tokens(regions)
         finally:
             self.model.train(was_training)
-        return self.reward(batch.image_ids, greedy.tokens)
+        return self.reward(batch.image_ids, greedy, validate=self.validate_tokens)
+
+    # The decoders; the static objective (butd/train/static_scst.py) swaps in fixed-length ones.
+    validate_tokens = True  # the reward checks its input tokens (one host sync)
+
+    def _draw(self, regions: Regions) -> SampleOutput:
+        return sample(self.model, regions, num_samples=self.num_samples, max_length=self.max_length,
+                      temperature=self.temperature, suppress_unk=self.suppress_unk)
+
+    def _greedy_tokens(self, regions: Regions) -> torch.Tensor:
+        return greedy_decode(self.model, regions, max_length=self.max_length, suppress_unk=self.suppress_unk).tokens

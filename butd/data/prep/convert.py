@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import shutil
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -276,12 +277,38 @@ def convert_features(inputs: Iterable[str | Path], output: str | Path, *, dtype:
     """Import public feature files into the store at ``output``; rerunning resumes (stored ids are skipped).
 
     ``dtype`` None keeps an existing store's dtype and uses float16 for a new one. On bad input the valid records
-    read before it are committed, then the DataError propagates.
+    read before it are committed, then the DataError propagates. Inputs that hold no records at all are a
+    DataError too; a store this call created is then removed rather than left behind empty.
     """
     inputs = [Path(p) for p in inputs]
     for src in inputs:
         if not src.exists():
             raise DataError(f"input {src} does not exist")
+    output = Path(output)
+    created = not output.exists()
+    try:
+        summary = _import(inputs, output, dtype=dtype, commit_every=commit_every, allow_pickle=allow_pickle,
+                          progress=progress)
+    except BaseException:
+        if created:
+            _remove_if_empty(output)
+        raise
+    return summary
+
+
+def _remove_if_empty(store: Path) -> None:
+    """Remove a store this import created if nothing was committed to it (a commit writes the metadata record)."""
+    try:
+        empty = read_metadata(store) is None
+    except DataError:  # unreadable: leave it for the user to look at
+        return
+    if empty:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def _import(inputs: list[Path], output: Path, *, dtype: str | None, commit_every: int, allow_pickle: bool,
+            progress: bool) -> ConvertSummary:
+    """The import itself (see convert_features)."""
     if dtype is None:
         meta = read_metadata(output)
         dtype = meta.dtype if meta is not None else "float16"
@@ -308,6 +335,8 @@ def convert_features(inputs: Iterable[str | Path], output: str | Path, *, dtype:
         except DataError:
             writer.commit()  # the records before the bad one are complete and valid: keep them
             raise
+    if written + skipped == 0:
+        raise DataError(f"{', '.join(map(str, inputs))}: no feature records found (empty input?); nothing written")
     with FeatureStore(output) as store:
         total = len(store)
     return ConvertSummary(written=written, skipped=skipped, total=total)
