@@ -31,6 +31,18 @@ def options(tiny, output: Path, **kw) -> TrainOptions:
     return TrainOptions(stage="xe", data_dir=tiny[0], features=tiny[1], output=output, **kw)
 
 
+def crash_after_save(monkeypatch, *, at_iteration: int | None = None) -> None:
+    """Make the loop's next checkpoint write (or the one of ``at_iteration``) complete, then "kill" the run."""
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(path, payload):
+        real_save(path, payload)
+        if at_iteration is None or payload["iteration"] == at_iteration:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+
+
 def snapshot(run_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file()}
 
@@ -49,13 +61,7 @@ def test_rerun_over_a_finished_run_is_refused_and_changes_nothing(tiny, tmp_path
 
 
 def test_rerun_over_an_interrupted_run_is_refused(tiny, tmp_path, monkeypatch):
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(path, payload):
-        real_save(path, payload)
-        raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    crash_after_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config("train.checkpoint_every_iters=2"), options(tiny, tmp_path / "run"))
     monkeypatch.undo()
@@ -144,14 +150,7 @@ def test_the_train_tool_reports_a_diverging_run_in_one_line(tiny, tmp_path, caps
 def test_resumed_epoch_averages_cover_the_whole_epoch(tiny, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     train(tiny_config("train.max_epochs=1"), options(tiny, straight))
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(path, payload):
-        real_save(path, payload)
-        if payload["iteration"] == 2:
-            raise KeyboardInterrupt("killed mid-epoch")
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    crash_after_save(monkeypatch, at_iteration=2)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config("train.max_epochs=1", "train.checkpoint_every_iters=2"), options(tiny, tmp_path / "crash"))
     monkeypatch.undo()
@@ -184,13 +183,7 @@ def test_the_demo_resumes_an_interrupted_stage_and_skips_a_finished_one(tiny, tm
     run = tmp_path / "run"
     args, finished = demo.train_args(run, ["--config", "c.yaml"], ["--data", "d"], "xe")
     assert not finished and args[-2:] == ["--output", str(run)] and "--resume" not in args
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(path, payload):
-        real_save(path, payload)
-        raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    crash_after_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config("train.max_epochs=2"), options(tiny, run))
     monkeypatch.undo()
@@ -204,13 +197,7 @@ def test_the_demo_resumes_an_interrupted_stage_and_skips_a_finished_one(tiny, tm
 
 def test_a_kill_between_last_and_best_loses_no_best_model(tiny, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(path, payload):
-        real_save(path, payload)
-        raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    crash_after_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config("train.max_epochs=1"), options(tiny, run))
     monkeypatch.undo()
