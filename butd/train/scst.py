@@ -48,7 +48,7 @@ class ScstObjective(nn.Module):
         regions = self.model.encode(batch.features, batch.region_mask, batch.boxes, batch.image_size)
         drawn = self._draw(regions)
         image_ids = batch.image_ids.repeat_interleave(self.num_samples)
-        rewards = self.reward(image_ids, drawn.tokens, validate=self.validate_tokens).view(-1, self.num_samples)
+        rewards = self._score(image_ids, drawn.tokens).view(-1, self.num_samples)
         if self.baseline == "mean":
             baseline = mean_baseline(rewards)
         else:
@@ -72,10 +72,12 @@ class ScstObjective(nn.Module):
             greedy = self._greedy_tokens(regions)
         finally:
             self.model.train(was_training)
-        return self.reward(batch.image_ids, greedy, validate=self.validate_tokens)
+        return self._score(batch.image_ids, greedy)
 
-    # The decoders; the static objective (butd/train/static_scst.py) swaps in fixed-length ones.
-    validate_tokens = True  # the reward checks its input tokens (one host sync)
+    # The decoders and the reward call; the static objective (butd/train/static_scst.py) swaps in fixed-length
+    # decoders and a reward without its host-side input check.
+    def _score(self, image_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.reward(image_ids, tokens)
 
     def _draw(self, regions: Regions) -> SampleOutput:
         return sample(self.model, regions, num_samples=self.num_samples, max_length=self.max_length,

@@ -23,12 +23,13 @@ from butd.train.scst import ScstObjective
 class StaticScstObjective(ScstObjective):
     """The SCST loss of a batch at fixed shapes; same interface, loss and statistics as ``ScstObjective``."""
 
-    validate_tokens = False  # no host-side check of the sampled tokens in the reward
-
     def __init__(self, model: nn.Module, reward: CaptionReward, **settings) -> None:
         if reward.bleu_weight > 0:
             raise ValueError("the static SCST objective rewards CIDEr-D only (BLEU is computed on the host)")
         super().__init__(model, reward, **settings)
+
+    def _score(self, image_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.reward(image_ids, tokens, validate=False)  # no host-side check of the tokens: no sync
 
     def _draw(self, regions: Regions) -> SampleOutput:
         return sample_to_length(self.model, regions, num_samples=self.num_samples, max_length=self.max_length,
