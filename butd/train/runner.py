@@ -14,19 +14,20 @@ log line, checkpoint or validation, so no checkpoint is written between the even
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, get_args
 
 import torch
 from torch import nn
 
 from butd.config import Config
+from butd.config.defaults import StepRunnerKind
 from butd.data.dataset import Batch
 from butd.errors import ConfigError
 from butd.train import distributed as dist
 from butd.train.graph_step import CapturedStep, SyncFreeStep, adopt_optimizer
 from butd.train.step import DivergenceGuard, train_step
 
-RUNNERS = ("eager", "static", "cuda_graph")
+RUNNERS: tuple[str, ...] = get_args(StepRunnerKind)  # the choices, checked when the config is read
 
 
 @dataclass
@@ -104,8 +105,6 @@ def check_step_runner(cfg: Config, ctx: dist.DistContext, stage: str) -> None:
     kind = tc.step_runner
     if kind == "eager":
         return
-    if kind not in RUNNERS:
-        raise ConfigError(f"train.step_runner must be one of {', '.join(RUNNERS)}, got {kind!r}")
     if kind == "cuda_graph" and ctx.device.type != "cuda":
         raise ConfigError(f"train.step_runner=cuda_graph needs a CUDA device (this run uses {ctx.device.type}); "
                           f"use train.step_runner=static, the same step without the graph")
