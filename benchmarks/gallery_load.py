@@ -30,7 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from serve_load import DEFAULT_IMAGES, free_port, wait_ready  # noqa: E402 - the same start-up helpers
+from serve_load import DEFAULT_IMAGES, free_port, stop_server, wait_ready  # noqa: E402 - the same start-up helpers
 
 PASSWORD = "load test password"
 PAGE = 10
@@ -183,12 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             report = asyncio.run(run_load(url.rstrip("/"), images, args))
         finally:
             if process is not None:
-                process.terminate()
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                stop_server(process)
     print(json.dumps(report), flush=True)
     clean = not (report["lost_rows"] or report["duplicated_rows"] or report["unexpected_rows"] or report["errors"])
     return 0 if clean else 1

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from serve_load import free_port, wait_ready  # same folder: the server start-up and readiness poll
+from serve_load import free_port, stop_server, wait_ready  # same folder: the server start-up and readiness poll
 
 SERVER_LIMITS = ("max_megapixels", "max_pending_megapixels", "max_decodes", "max_images", "header_timeout",
                  "body_timeout", "max_connections", "max_upload_mb")
@@ -283,12 +283,7 @@ def run(args: argparse.Namespace, port: int, url: str, log) -> int:
             log.seek(0)
             raise SystemExit(f"the server died during the attack (exit code {process.returncode}):\n{log.read()}")
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_server(process)
     if args.max_rss_mb is not None:
         report["max_rss_mb"] = args.max_rss_mb
         report["within_bound"] = report["peak_rss_mb"] <= args.max_rss_mb

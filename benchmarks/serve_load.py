@@ -88,6 +88,16 @@ def wait_ready(url: str, process: subprocess.Popen | None, log: IO[str], timeout
     raise SystemExit(f"the server at {url} did not answer /healthz within {timeout:.0f} s")
 
 
+def stop_server(process: subprocess.Popen) -> None:
+    """Terminate the server started for the run; kill it if it has not stopped within 30 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def check(response: httpx.Response, expected: str | None) -> str | None:
     """None when the response is a correct caption (equal to ``expected`` if given), else what is wrong."""
     if response.status_code != 200:
@@ -180,12 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         report = asyncio.run(run_load(url.rstrip("/"), images, args))
     finally:
         if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_server(process)
         log.close()
     print(json.dumps(report), flush=True)
     return 0 if report["all_correct"] else 1
