@@ -14,7 +14,7 @@ from butd.core.checkpoint import load_checkpoint
 from butd.data.captions import CaptionData, write_data_dir
 from butd.errors import ConfigError, DataError
 from butd.train import loop
-from butd.train.loop import TrainOptions, train
+from butd.train.loop import NonFiniteLossError, TrainOptions, train
 from butd.train.step import DivergenceError, DivergenceGuard, TrainingStepError
 from train_fixtures import make_tiny_dataset, single_thread, tiny_config  # noqa: F401 (fixture)
 
@@ -127,7 +127,7 @@ def test_an_error_inside_a_step_is_one_line_naming_the_iteration(tiny, tmp_path,
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-@pytest.mark.parametrize("lr", ["1e6", "1e38"])
+@pytest.mark.parametrize("lr", ["1e6", "1e30", "1e38"])
 def test_the_train_tool_reports_a_diverging_run_in_one_line(tiny, tmp_path, capsys, lr):
     import importlib.util
 
@@ -143,7 +143,7 @@ def test_the_train_tool_reports_a_diverging_run_in_one_line(tiny, tmp_path, caps
     err = capsys.readouterr().err
     errors = [line for line in err.replace("\r", "\n").splitlines() if "error" in line.lower()]
     assert code != 0 and "Traceback" not in err
-    assert len(errors) == 1 and errors[0].startswith("error: epoch 1, iteration "), errors
+    assert len(errors) == 1 and errors[0].startswith("error: epoch "), errors
     assert not (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -172,6 +172,19 @@ def test_a_data_dir_without_val_images_is_refused_before_training(tiny, tmp_path
     with pytest.raises(DataError, match=r"no_val: the val split has no images"):
         train(tiny_config(), TrainOptions(stage="xe", data_dir=no_val, features=tiny[1], output=tmp_path / "r"))
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_that_ends_in_non_finite_steps_fails_and_keeps_its_checkpoints(tiny, tmp_path):
+    train(tiny_config("train.max_epochs=1"), options(tiny, tmp_path / "run"))
+    before = snapshot(tmp_path / "run")
+    # lr 1e30: the first update makes the weights huge but finite; every later loss is non-finite (skipped), fewer
+    # than train.max_bad_steps in a row before the run ends.
+    cfg = load_config(tmp_path / "run" / "config.yaml", ["train.max_epochs=3", "train.lr=1e30"])
+    with pytest.raises(NonFiniteLossError, match=r"training ended after \d+ non-finite steps in a row .* keep the "
+                                                 r"model of iteration 4"):
+        train(cfg, options(tiny, tmp_path / "run", resume=True))
+    after = snapshot(tmp_path / "run")
+    assert after["last.pt"] == before["last.pt"] and after["best.pt"] == before["best.pt"]
 
 
 def test_the_demo_resumes_an_interrupted_stage_and_skips_a_finished_one(tiny, tmp_path, monkeypatch):

@@ -50,6 +50,11 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
         meter, train_seconds = train_epoch(run)
         end_epoch(run, meter, train_seconds)
     run.logger.close()
+    if run.state.bad_steps_in_row:  # fewer than train.max_bad_steps, but nothing good came after them
+        raise NonFiniteLossError(
+            f"epoch {run.state.epoch}, iteration {run.state.iteration}: training ended after "
+            f"{run.state.bad_steps_in_row} non-finite steps in a row (the model diverged); {_kept(run)}. "
+            f"Lower train.lr or add train.warmup_iters")
     return TrainResult(model=run.model, state=run.state, run_dir=run.out)
 
 
