@@ -35,6 +35,7 @@ from butd.serve.limits import BodyLimitMiddleware
 
 log = logging.getLogger("butd.gallery")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+SERVICE_STATIC_DIR = Path(__file__).resolve().parents[1] / "serve" / "static"
 # The page loads only its own scripts and styles; images come from the API or from local previews (blob:).
 PAGE_POLICY = ("default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
                "frame-ancestors 'none'; form-action 'self'")
@@ -113,6 +114,10 @@ def create_gallery_app(settings: GallerySettings, model: CaptionModel, *, prepar
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
                             headers={"Content-Security-Policy": PAGE_POLICY, "X-Frame-Options": "DENY",
                                      "Referrer-Policy": "same-origin", "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/static/viewer.js", include_in_schema=False)
+    async def attention_view() -> FileResponse:  # the service page's attention view, one file for both pages
+        return FileResponse(SERVICE_STATIC_DIR / "viewer.js", media_type="text/javascript")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -1,4 +1,5 @@
-// The detail view's caption: one button per word; hovering, focusing or clicking a word lights up the regions the
+// The attention view of a captioned image, shared by the service's page and the gallery's detail view (the gallery
+// serves this file from here): one button per word; hovering, focusing or clicking a word lights up the regions the
 // decoder attended to while writing it, as boxes over the image whose strength follows the attention weight.
 // Everything from the server is inserted with textContent, never as HTML.
 "use strict";
@@ -105,6 +106,7 @@ export class AttentionView {
       }
       this.boxes.append(box);
     });
+    separateLabels(this.boxes);
     const heading = document.createElement("p");
     heading.className = "attended-title";
     heading.textContent = `While writing “${word}” the decoder looked at:`;
@@ -117,6 +119,22 @@ export class AttentionView {
     });
     this.attended.append(heading, list);
   }
+}
+
+// Push labels down until they stop covering one another; the strongest box's label keeps its place.
+function separateLabels(layer) {
+  const placed = [];
+  [...layer.querySelectorAll(".box-label")].reverse().forEach((label) => {
+    let shift = 0;
+    for (let tries = 0; tries < 6; tries++) {
+      const rect = label.getBoundingClientRect();
+      const hit = placed.find((p) => rect.left < p.right && p.left < rect.right && rect.top < p.bottom && p.top < rect.bottom);
+      if (!hit) break;
+      shift += hit.bottom - rect.top;
+      label.style.top = `${shift - 3}px`;
+    }
+    placed.push(label.getBoundingClientRect());
+  });
 }
 
 function regionName(region) {
