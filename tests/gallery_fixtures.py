@@ -2,7 +2,6 @@
 that keeps one user's session cookie and CSRF token while several users share one test client."""
 from __future__ import annotations
 
-import io
 import os
 import secrets
 from collections.abc import Iterator
@@ -11,9 +10,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from serve_fixtures import loopback_server, png_bytes  # noqa: F401 (the gallery tests serve the same way)
 
 POSTGRES_ENV = "BUTD_TEST_POSTGRES_URL"
 BACKENDS = [
@@ -92,12 +91,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def png_bytes(array: np.ndarray | Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    (Image.fromarray(array) if isinstance(array, np.ndarray) else array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class Visitor:
@@ -182,30 +175,3 @@ class EchoModel:
                             "alternatives": [{"caption": " ".join(words), "logprob": -1.0}] * beam_size,
                             "regions": [region], "words": [{"word": w, "attention": [1.0]} for w in words]})
         return results
-
-
-@contextmanager
-def loopback_server(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a background thread; yields its URL."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,39 +25,44 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    """tools/serve.py with the small random detector and a tiny checkpoint on a free 127.0.0.1 port."""
-    checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+@contextmanager
+def running_tool(tool: str, arguments: list[str], log_path: Path) -> Iterator[str]:
+    """``tools/<tool>`` (serve.py, gallery.py) in a subprocess on a free 127.0.0.1 port; yields its URL once
+    /healthz answers (fails the test with the tool's log if it exits or stays silent for 120 s)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("log") / "server.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "tools" / "serve.py"), "--detector", "random", "--small-detector",
-             "--checkpoint", str(checkpoint), "--device", "cpu", "--port", str(port), "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )
+        process = subprocess.Popen([sys.executable, str(ROOT / "tools" / tool), *arguments, "--port", str(port),
+                                    "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
-                pytest.fail(f"tools/serve.py exited with {process.returncode}:\n{log_path.read_text()}")
+                pytest.fail(f"tools/{tool} exited with {process.returncode}:\n{log_path.read_text()}")
             try:
                 if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass  # not listening yet
             if time.monotonic() > deadline:
-                pytest.fail(f"tools/serve.py did not answer within 120 s:\n{log_path.read_text()}")
+                pytest.fail(f"tools/{tool} did not answer within 120 s:\n{log_path.read_text()}")
             time.sleep(0.25)
         yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    """tools/serve.py with the small random detector and a tiny checkpoint on a free 127.0.0.1 port."""
+    checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+    arguments = ["--detector", "random", "--small-detector", "--checkpoint", str(checkpoint), "--device", "cpu"]
+    with running_tool("serve.py", arguments, tmp_path_factory.mktemp("log") / "server.log") as url:
+        yield url
 
 
 def test_upload_caption_and_highlight_attended_boxes(server_url):

@@ -5,17 +5,11 @@ gallery and a hostile file name shown as text; then the same gallery on a phone-
 tests_artifacts/gallery_*.png."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
 from captioner_fixtures import ROOT, coco_image_paths, write_tiny_checkpoint
-from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, running_tool
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
 PASSWORD = "correct horse battery"
@@ -25,35 +19,10 @@ PASSWORD = "correct horse battery"
 def gallery_url(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gallery")
     checkpoint = write_tiny_checkpoint(folder / "tiny.pt")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log_path = folder / "server.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "tools" / "gallery.py"), "--detector", "random", "--small-detector",
-             "--checkpoint", str(checkpoint), "--device", "cpu", "--database", f"sqlite:///{folder / 'g.db'}",
-             "--data-dir", str(folder / "data"), "--port", str(port), "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"tools/gallery.py exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                pytest.fail(f"tools/gallery.py did not answer within 120 s:\n{log_path.read_text()}")
-            time.sleep(0.25)
+    arguments = ["--detector", "random", "--small-detector", "--checkpoint", str(checkpoint), "--device", "cpu",
+                 "--database", f"sqlite:///{folder / 'g.db'}", "--data-dir", str(folder / "data")]
+    with running_tool("gallery.py", arguments, folder / "server.log") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def authenticate(page, expect, username: str, button: str) -> None:
