@@ -16,19 +16,10 @@ from butd.errors import ConfigError, DataError
 from butd.train import loop
 from butd.train.loop import NonFiniteLossError, TrainOptions, train
 from butd.train.step import DivergenceError, DivergenceGuard, TrainingStepError
-from train_fixtures import make_tiny_dataset, single_thread, tiny_config  # noqa: F401 (fixture)
+from train_fixtures import make_tiny_dataset, single_thread, tiny, tiny_config, xe_options as options  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(single_thread, tmp_path_factory):
-    return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
-
-
-def options(tiny, output: Path, **kw) -> TrainOptions:
-    return TrainOptions(stage="xe", data_dir=tiny[0], features=tiny[1], output=output, **kw)
 
 
 def crash_after_save(monkeypatch, *, at_iteration: int | None = None) -> None:

@@ -14,6 +14,7 @@ import torch
 from butd.config import Config, load_config
 from butd.data.captions import EncodedCaptions, Vocabulary, write_data_dir
 from butd.data.store import FeatureRecord, FeatureWriter
+from butd.train.setup import TrainOptions
 
 SENTENCES = (
     ("a dog runs on the grass", "a brown dog playing in a field", "the dog is running outside"),
@@ -32,6 +33,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(single_thread, tmp_path_factory):
+    """The tiny dataset of a test module: (data_dir, features)."""
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def xe_options(tiny, output: Path, **kw) -> TrainOptions:
+    """An XE stage on the tiny dataset writing to ``output``."""
+    return TrainOptions(stage="xe", data_dir=tiny[0], features=tiny[1], output=output, **kw)
 
 
 def make_tiny_dataset(root: Path, *, num_images: int = 24, seed: int = 0, vocab_extra: tuple[str, ...] = (),
